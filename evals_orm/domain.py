@@ -1,0 +1,182 @@
+"""Domain types of longitudinal evaluation studies (no persistence here)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any, NewType
+from uuid import UUID
+
+import attrs
+import uuid_utils.compat
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointId",
+    "LongitudinalMetrics",
+    "PeriodType",
+    "Study",
+    "StudyConfig",
+    "StudyId",
+    "StudyStatus",
+    "TimePeriod",
+    "ensure_utc",
+    "uuid7",
+]
+
+StudyId = NewType("StudyId", UUID)
+CheckpointId = NewType("CheckpointId", UUID)
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def uuid7() -> UUID:
+    """Return a new time-ordered UUID (version 7) as a stdlib ``uuid.UUID``."""
+    return uuid_utils.compat.uuid7()
+
+
+def ensure_utc(value: datetime, name: str) -> datetime:
+    """Return ``value`` in UTC; reject naive datetimes with a ``ValueError`` naming ``name``."""
+    if not isinstance(value, datetime):
+        raise TypeError(f"{name} must be a datetime, got {type(value).__name__}")
+    offset = value.utcoffset()
+    if offset is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime, got naive {value.isoformat()}")
+    if offset or value.tzinfo is not timezone.utc:
+        return value.astimezone(timezone.utc)
+    return value
+
+
+def _utc_field(value: datetime, field: attrs.Attribute[Any]) -> datetime:
+    return ensure_utc(value, field.name)
+
+
+def _optional_utc_field(value: datetime | None, field: attrs.Attribute[Any]) -> datetime | None:
+    return None if value is None else ensure_utc(value, field.name)
+
+
+_utc = attrs.Converter(_utc_field, takes_field=True)  # type: ignore[misc,call-overload]
+_optional_utc = attrs.Converter(_optional_utc_field, takes_field=True)  # type: ignore[misc,call-overload]
+
+
+class StudyStatus(str, enum.Enum):
+    """Lifecycle status of a study."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PeriodType(str, enum.Enum):
+    """Granularity of a study's checkpoints."""
+
+    HOURLY = "hourly"
+    DAILY = "daily"
+    WEEKLY = "weekly"
+    MONTHLY = "monthly"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _tags(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise TypeError("tags must be a sequence of str, not a str")
+    return tuple(value)
+
+
+def _metadata(value: Mapping[str, str]) -> dict[str, str]:
+    return dict(value)
+
+
+@attrs.frozen
+class StudyConfig:
+    """Free-form description, tags and metadata of a study."""
+
+    description: str | None = None
+    tags: tuple[str, ...] = attrs.field(default=(), converter=_tags)
+    # A dict keeps the wire order of the keys; it is left out of the hash
+    # (equal configs still hash equal) because dicts are unhashable.
+    metadata: Mapping[str, str] = attrs.field(factory=dict, converter=_metadata, hash=False)
+
+
+@attrs.frozen
+class TimePeriod:
+    """A half-open interval ``[start, end)`` of UTC time."""
+
+    start: datetime = attrs.field(default=EPOCH, converter=_utc)
+    end: datetime = attrs.field(default=EPOCH, converter=_utc)
+
+    @property
+    def duration(self) -> timedelta:
+        """Length of the period."""
+        return self.end - self.start
+
+    def contains(self, instant: datetime) -> bool:
+        """Tell whether ``start <= instant < end``."""
+        return self.start <= ensure_utc(instant, "instant") < self.end
+
+
+@attrs.frozen
+class LongitudinalMetrics:
+    """Metrics aggregated over one period of a study."""
+
+    sessions_completed: int = 0
+    session_success_rate: float = 0.0
+    avg_session_duration: timedelta = timedelta(0)
+    tasks_completed: int = 0
+    first_attempt_success_rate: float = 0.0
+    avg_iterations_to_success: float = 0.0
+    agent_efficiency: float = 0.0
+    tool_success_rate: float = 0.0
+    self_correction_rate: float = 0.0
+    swarm_coordination_overhead: float = 0.0
+    parallelism_efficiency: float = 0.0
+    learnings_applied: int = 0
+    learning_effectiveness: float = 0.0
+    total_tokens: int = 0
+    total_cost: float = 0.0
+    cost_per_successful_task: float = 0.0
+    period: TimePeriod = attrs.field(factory=TimePeriod)
+
+
+@attrs.frozen
+class Study:
+    """A study as the projection holds it."""
+
+    id: StudyId
+    name: str
+    status: StudyStatus
+    period_type: PeriodType
+    period_value: int | None
+    config: StudyConfig
+    created_at: datetime = attrs.field(converter=_utc)
+    started_at: datetime | None = attrs.field(default=None, converter=_optional_utc)
+    stopped_at: datetime | None = attrs.field(default=None, converter=_optional_utc)
+
+    @property
+    def is_active(self) -> bool:
+        """Tell whether the study is running or paused."""
+        return self.status in (StudyStatus.RUNNING, StudyStatus.PAUSED)
+
+    @property
+    def is_terminal(self) -> bool:
+        """Tell whether the study is stopped for good."""
+        return self.status is StudyStatus.STOPPED
+
+
+@attrs.frozen
+class Checkpoint:
+    """Metrics of one study recorded at one instant."""
+
+    id: CheckpointId
+    study_id: StudyId
+    timestamp: datetime = attrs.field(converter=_utc)
+    metrics: LongitudinalMetrics = attrs.field(factory=LongitudinalMetrics)
+    events_analyzed: int = 0
+    sessions_included: tuple[str, ...] = attrs.field(default=(), converter=_tags)
