@@ -1,0 +1,96 @@
+"""Create the studies/checkpoints projection, the event log and tracking.
+
+Revision ID: 0001
+Revises:
+Create Date: 2026-11-26
+
+Types are spelled out per backend (not imported from evals_orm.types), so
+this revision stays what it is whatever the package's types become.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+revision: str = "0001"
+down_revision: str | Sequence[str] | None = None
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+PG = "postgresql"
+
+
+def _uuid() -> sa.types.TypeEngine[object]:
+    return sa.Text().with_variant(postgresql.UUID(as_uuid=True), PG)
+
+
+def _timestamp() -> sa.types.TypeEngine[object]:
+    return sa.Text().with_variant(postgresql.TIMESTAMP(timezone=True), PG)
+
+
+def _json() -> sa.types.TypeEngine[object]:
+    return sa.Text().with_variant(postgresql.JSONB(), PG)
+
+
+def upgrade() -> None:
+    op.create_table(
+        "studies",
+        sa.Column("id", _uuid(), nullable=False),
+        sa.Column("name", sa.Text(), nullable=False),
+        sa.Column("status", sa.Text(), nullable=False),
+        sa.Column("period_type", sa.Text(), nullable=False),
+        sa.Column("period_value", sa.Integer().with_variant(sa.BigInteger(), PG), nullable=True),
+        sa.Column("config", _json(), nullable=False),
+        sa.Column("created_at", _timestamp(), nullable=False),
+        sa.Column("started_at", _timestamp(), nullable=True),
+        sa.Column("stopped_at", _timestamp(), nullable=True),
+        sa.Column("last_event_id", _uuid(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_studies")),
+    )
+    op.create_table(
+        "checkpoints",
+        sa.Column("id", _uuid(), nullable=False),
+        sa.Column("study_id", _uuid(), nullable=False),
+        sa.Column("timestamp", _timestamp(), nullable=False),
+        sa.Column("metrics", _json(), nullable=False),
+        sa.Column(
+            "events_analyzed", sa.Integer().with_variant(sa.Numeric(20, 0), PG), nullable=False
+        ),
+        sa.Column("sessions_included", _json(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_checkpoints")),
+    )
+    op.create_index("idx_checkpoints_study_time", "checkpoints", ["study_id", "timestamp"])
+    op.create_table(
+        "eval_events",
+        sa.Column(
+            "position",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
+            nullable=False,
+        ),
+        sa.Column("event_id", _uuid(), nullable=False),
+        sa.Column("study_id", _uuid(), nullable=False),
+        sa.Column("payload", sa.Text(), nullable=False),
+        sa.PrimaryKeyConstraint("position", name=op.f("pk_eval_events")),
+        sa.UniqueConstraint("event_id", name=op.f("uq_eval_events_event_id")),
+    )
+    op.create_index("ix_eval_events_study_id_position", "eval_events", ["study_id", "position"])
+    op.create_table(
+        "eval_tracking",
+        sa.Column("name", sa.Text(), nullable=False),
+        sa.Column("position", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("name", name=op.f("pk_eval_tracking")),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("eval_tracking")
+    op.drop_index("ix_eval_events_study_id_position", table_name="eval_events")
+    op.drop_table("eval_events")
+    op.drop_index("idx_checkpoints_study_time", table_name="checkpoints")
+    op.drop_table("checkpoints")
+    op.drop_table("studies")

@@ -1,0 +1,154 @@
+"""``create_engine``: one URL per backend, with each driver's quirks handled here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import ConnectionPoolEntry, QueuePool, StaticPool
+
+from evals_orm.errors import ConfigurationError
+
+__all__ = ["create_engine"]
+
+BUSY_TIMEOUT_MS = 30_000
+_SUPPORTED = (
+    "sqlite:///PATH, sqlite://, sqlite+libsql:///PATH, sqlite+libsql://, "
+    "libsql://HOST, https://HOST, http://HOST:PORT or postgresql://..."
+)
+_TOKEN_QUERY_KEYS = ("authToken", "auth_token")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def create_engine(url: str | URL, *, auth_token: str | None = None, **engine_kwargs: Any) -> Engine:
+    """Create an Engine for SQLite, libSQL (embedded or remote) or PostgreSQL.
+
+    File databases on SQLite/libSQL get foreign keys, WAL and a busy timeout;
+    an in-memory URL gives one database shared by every connection; remote
+    libSQL gets a real connection pool. ``auth_token`` (or an ``authToken``
+    query parameter) is sent as a bearer token and never kept in the URL.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigurationError(
+            f"cannot parse the database URL {_redact(str(url))!r}; expected {_SUPPORTED}"
+        ) from None
+    query = dict(parsed.query)
+    for key in _TOKEN_QUERY_KEYS:
+        token = query.pop(key, None)
+        if token is not None and auth_token is None:
+            auth_token = token if isinstance(token, str) else token[0]
+    parsed = parsed.set(query=query)
+
+    scheme = parsed.drivername
+    if scheme in ("sqlite", "sqlite+pysqlite"):
+        engine = _sqlite_engine(parsed.set(drivername="sqlite+pysqlite"), engine_kwargs)
+    elif scheme == "sqlite+libsql" and not parsed.host:
+        engine = _sqlite_engine(parsed, engine_kwargs)
+    elif scheme in ("sqlite+libsql", "libsql", "https", "http", "wss", "ws"):
+        engine = _libsql_remote_engine(parsed, auth_token, engine_kwargs)
+    elif scheme in ("postgresql", "postgres", "postgresql+psycopg"):
+        engine = sa.create_engine(parsed.set(drivername="postgresql+psycopg"), **engine_kwargs)
+    else:
+        raise ConfigurationError(f"unsupported database URL scheme {scheme!r}; expected {_SUPPORTED}")
+    if auth_token is not None and engine.dialect.name != "sqlite":
+        raise ConfigurationError("auth_token is only used with a remote libSQL URL")
+    _redact_errors(engine, auth_token)
+    return engine
+
+
+def _sqlite_engine(url: URL, engine_kwargs: dict[str, Any]) -> Engine:
+    in_memory = url.database in (None, "", ":memory:")
+    kwargs = dict(engine_kwargs)
+    connect_args = kwargs.setdefault("connect_args", {})
+    if in_memory:
+        # One connection, so every Session and thread sees the same database.
+        kwargs.setdefault("poolclass", StaticPool)
+        connect_args.setdefault("check_same_thread", False)
+    engine = sa.create_engine(url, **kwargs)
+    event.listen(engine, "connect", _sqlite_pragmas_for(in_memory=in_memory))
+    return engine
+
+
+def _sqlite_pragmas_for(*, in_memory: bool) -> Any:
+    def set_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            # libSQL enforces foreign keys by default; stdlib SQLite must
+            # match it so both behave the same.
+            cursor.execute("PRAGMA foreign_keys=ON")
+            if not in_memory:
+                cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.fetchall()
+        finally:
+            cursor.close()
+
+    return set_pragmas
+
+
+def _libsql_remote_engine(url: URL, auth_token: str | None, engine_kwargs: dict[str, Any]) -> Engine:
+    if not url.host:
+        raise ConfigurationError(f"a remote libSQL URL needs a host; expected {_SUPPORTED}")
+    query = dict(url.query)
+    tls = query.pop("tls", None)
+    secure = query.pop("secure", None)
+    if url.drivername in ("https", "wss"):
+        use_tls = True
+    elif url.drivername in ("http", "ws"):
+        use_tls = False
+    elif secure is not None:
+        use_tls = str(secure).lower() in _TRUE
+    else:
+        use_tls = tls is None or str(tls).lower() in _TRUE
+    if use_tls:
+        query["secure"] = "true"
+    remote = url.set(drivername="sqlite+libsql", query=query)
+    kwargs = dict(engine_kwargs)
+    connect_args = kwargs.setdefault("connect_args", {})
+    if auth_token is not None:
+        connect_args["auth_token"] = auth_token
+    # The dialect's default SingletonThreadPool would let two connections of a
+    # thread share one remote stream and see each other's uncommitted rows.
+    kwargs.setdefault("poolclass", QueuePool)
+    return sa.create_engine(remote, **kwargs)
+
+
+def _redact(text: str, token: str | None = None) -> str:
+    if token:
+        text = text.replace(token, "***")
+    for key in _TOKEN_QUERY_KEYS:
+        start = text.find(f"{key}=")
+        while start != -1:
+            end = start + len(key) + 1
+            while end < len(text) and text[end] not in "&# '\"":
+                end += 1
+            text = f"{text[: start + len(key) + 1]}***{text[end:]}"
+            start = text.find(f"{key}=", start + len(key) + 4)
+    return text
+
+
+def _redact_errors(engine: Engine, token: str | None) -> None:
+    """Translate libSQL's bare ``ValueError``s and keep the token out of messages."""
+
+    @event.listens_for(engine, "handle_error")
+    def handle_error(context: sa.engine.ExceptionContext) -> BaseException | None:
+        original = context.original_exception
+        if token and token in str(original):
+            original = type(original)(_redact(str(original), token))
+        if isinstance(original, ValueError) and not isinstance(original, sa.exc.DBAPIError):
+            message = str(original)
+            error_class: type[sa.exc.DBAPIError] = (
+                sa.exc.IntegrityError
+                if "constraint failed" in message.lower()
+                else sa.exc.OperationalError
+            )
+            return error_class(context.statement, None, original, connection_invalidated=False)
+        if original is not context.original_exception:
+            return original
+        return None

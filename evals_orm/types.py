@@ -1,0 +1,214 @@
+"""Column types: the one place that knows how each backend stores a value.
+
+SQLite and libSQL store everything as the seed schema's TEXT/INTEGER;
+PostgreSQL uses its native ``uuid``, ``timestamptz``, ``jsonb`` and
+``numeric``. The Python side of every type is identical on all backends.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any, Generic, TypeVar
+from uuid import UUID
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from evals_orm import converters
+from evals_orm.domain import ensure_utc
+
+__all__ = ["GUID", "EnumText", "UInt32", "UInt64", "UTCDateTime", "WireJSON"]
+
+T = TypeVar("T")
+E = TypeVar("E", bound=enum.Enum)
+
+_U64_MAX = 2**64 - 1
+_I32 = range(-(2**31), 2**31)
+
+
+def _is_postgresql(dialect: Dialect) -> bool:
+    return dialect.name == "postgresql"
+
+
+def format_utc_text(value: datetime) -> str:
+    """Format an aware UTC datetime as fixed-width ``YYYY-MM-DDTHH:MM:SS.ffffffZ``."""
+    return (
+        f"{value.year:04d}-{value.month:02d}-{value.day:02d}T"
+        f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}Z"
+    )
+
+
+def parse_utc_text(text: str) -> datetime:
+    """Parse a stored timestamp (ours, or any ISO 8601 form with an offset) as UTC."""
+    if text.endswith(("Z", "z")):
+        return datetime.fromisoformat(text[:-1]).replace(tzinfo=timezone.utc)
+    value = datetime.fromisoformat(text)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An aware UTC datetime: fixed-width text on SQLite/libSQL, ``timestamptz`` elsewhere.
+
+    The fixed width makes text order equal time order, so range queries and
+    ``ORDER BY`` work on the index. Naive datetimes are rejected.
+    """
+
+    impl = sa.Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if _is_postgresql(dialect):
+            return dialect.type_descriptor(postgresql.TIMESTAMP(timezone=True))
+        return dialect.type_descriptor(sa.Text())
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        value = ensure_utc(value, "datetime parameter")
+        if _is_postgresql(dialect):
+            return value
+        return format_utc_text(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, datetime):
+            return ensure_utc(value, "stored datetime")
+        return parse_utc_text(value)
+
+
+class GUID(TypeDecorator[UUID]):
+    """A UUID: lowercase hyphenated TEXT on SQLite/libSQL, native ``uuid`` elsewhere."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if _is_postgresql(dialect):
+            return dialect.type_descriptor(postgresql.UUID(as_uuid=True))
+        return dialect.type_descriptor(sa.Text())
+
+    def process_bind_param(self, value: UUID | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, UUID):
+            value = UUID(str(value))
+        if _is_postgresql(dialect):
+            return value
+        return str(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> UUID | None:
+        if value is None or isinstance(value, UUID):
+            return value
+        return UUID(value)
+
+
+class EnumText(TypeDecorator[E], Generic[E]):
+    """A ``str`` enum stored as its value in a TEXT column (no CHECK, as the seed)."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def __init__(self, enum_class: type[E]) -> None:
+        super().__init__()
+        self.enum_class = enum_class
+
+    def process_bind_param(self, value: E | str | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        return self.enum_class(value).value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum_class(value)
+
+
+class _UnsignedInteger(TypeDecorator[int]):
+    """An unsigned integer that SQLite's signed 64-bit INTEGER holds losslessly."""
+
+    impl = sa.Integer
+    cache_ok = True
+    bits = 64
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if _is_postgresql(dialect):
+            if self.bits > 32:
+                return dialect.type_descriptor(sa.Numeric(20, 0))
+            return dialect.type_descriptor(sa.BigInteger())
+        return dialect.type_descriptor(sa.Integer())
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"expected an int, got {type(value).__name__}")
+        if not 0 <= value < 2**self.bits:
+            raise ValueError(f"{value} is outside 0..{2**self.bits - 1}")
+        if _is_postgresql(dialect):
+            return value
+        if value >= 2**63:
+            # Two's complement, as the original service stores u64 in SQLite.
+            value -= 2**64
+        if value not in _I32 and dialect.driver == "libsql":
+            # libsql sends integers beyond 32 bits as REAL (f64) and loses
+            # precision above 2**53; decimal text into an INTEGER column is exact.
+            return str(value)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
+        if value is None:
+            return None
+        value = int(value)
+        return value + 2**64 if value < 0 else value
+
+
+class UInt64(_UnsignedInteger):
+    """A u64: two's-complement INTEGER on SQLite/libSQL, ``numeric(20)`` on PostgreSQL."""
+
+    cache_ok = True
+    bits = 64
+
+
+class UInt32(_UnsignedInteger):
+    """A u32: INTEGER on SQLite/libSQL, ``bigint`` on PostgreSQL."""
+
+    cache_ok = True
+    bits = 32
+
+
+class WireJSON(TypeDecorator[T], Generic[T]):
+    """A value stored as its wire-format JSON: TEXT identical to ``dumps()``, or ``jsonb``."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def __init__(self, value_type: Any) -> None:
+        super().__init__()
+        self.value_type = value_type
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if _is_postgresql(dialect):
+            return dialect.type_descriptor(postgresql.JSONB())
+        return dialect.type_descriptor(sa.Text())
+
+    def process_bind_param(self, value: T | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if _is_postgresql(dialect):
+            # jsonb encodes the JSON-compatible value itself.
+            return converters.unstructure(value)
+        return converters.dumps(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> T | None:
+        if value is None:
+            return None
+        if isinstance(value, (str, bytes)):
+            loaded: T = converters.loads(value, self.value_type)
+            return loaded
+        structured: T = converters.structure(value, self.value_type)
+        return structured
+
