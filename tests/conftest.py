@@ -73,6 +73,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("backend", selected_backends(metafunc.config), scope="session")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Lets nox run the database-free tests once instead of once per backend.
+    for item in items:
+        if "backend" not in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.backend_independent)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return f"evals_orm backends: {', '.join(selected_backends(config))}"
 
