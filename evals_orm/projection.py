@@ -18,7 +18,9 @@ duplicate: redelivery changes nothing, and a crash leaves a prefix.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from uuid import UUID
@@ -49,6 +51,19 @@ __all__ = ["EvalProjection", "SqlEvalProjection"]
 
 PROJECTION = "projection"
 DEFAULT_BATCH_SIZE = 1000
+
+# The lock row already serialises every projection writer of a database, so
+# writers of one process may as well queue here first: the libSQL driver keeps
+# the GIL while it waits on a locked database, so a thread waiting there would
+# stop the thread that holds the lock from ever committing.
+_WRITERS: dict[str, threading.Lock] = {}
+_WRITERS_GUARD = threading.Lock()
+
+
+def _writer_lock(engine: sa.Engine) -> threading.Lock:
+    key = engine.url.render_as_string(hide_password=True)
+    with _WRITERS_GUARD:
+        return _WRITERS.setdefault(key, threading.Lock())
 
 
 @runtime_checkable
@@ -189,9 +204,7 @@ def apply_batch(connection: sa.Connection, events: list[StoredEvalEvent]) -> int
     study_ids = {stored.event.study_id for stored in events}
     studies = {
         row[0]: _StudyState(*row)
-        for row in connection.execute(
-            sa.select(*_STATE_COLUMNS).where(StudyRow.id.in_(study_ids))
-        )
+        for row in connection.execute(sa.select(*_STATE_COLUMNS).where(StudyRow.id.in_(study_ids)))
     }
     checkpoint_ids = {
         stored.event.id for stored in events if isinstance(stored.event, CheckpointRecorded)
@@ -216,7 +229,8 @@ def apply_batch(connection: sa.Connection, events: list[StoredEvalEvent]) -> int
     )
     if batch.new_checkpoints:
         connection.execute(
-            sa.insert(CheckpointRow), [attrs.asdict(c, recurse=False) for c in batch.new_checkpoints]
+            sa.insert(CheckpointRow),
+            [attrs.asdict(c, recurse=False) for c in batch.new_checkpoints],
         )
     return batch.applied
 
@@ -245,6 +259,12 @@ class SqlEvalProjection:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({_db.engine_of(self.bind)!r})"
 
+    @contextmanager
+    def _locked(self) -> Iterator[tuple[sa.Connection, int]]:
+        """Yield a Connection in a transaction holding the projection lock, and the position."""
+        with _writer_lock(_db.engine_of(self.bind)), _db.transaction(self.bind) as connection:
+            yield connection, _db.lock(connection, PROJECTION)
+
     def apply(self, stored: StoredEvalEvent) -> bool:
         """Apply one event in its own transaction; ``False`` if it was already applied."""
         return self.apply_many((stored,)) == 1
@@ -257,8 +277,7 @@ class SqlEvalProjection:
         """
         applied = 0
         for chunk in _batched(events, self.batch_size):
-            with _db.transaction(self.bind) as connection:
-                _db.lock(connection, PROJECTION)
+            with self._locked() as (connection, _):
                 applied += apply_batch(connection, chunk)
         return applied
 
@@ -267,8 +286,7 @@ class SqlEvalProjection:
 
         Readers see the old projection until the new one is committed.
         """
-        with _db.transaction(self.bind) as connection:
-            _db.lock(connection, PROJECTION)
+        with self._locked() as (connection, _):
             clear_rows(connection)
             return sum(
                 apply_batch(connection, chunk) for chunk in _batched(events, self.batch_size)
@@ -276,16 +294,14 @@ class SqlEvalProjection:
 
     def clear(self) -> None:
         """Empty the projection and reset its catch-up position."""
-        with _db.transaction(self.bind) as connection:
-            _db.lock(connection, PROJECTION)
+        with self._locked() as (connection, _):
             clear_rows(connection)
 
     def catch_up(self, log: SqlEventLog) -> int:
         """Apply every logged event not applied yet, in log order; return how many."""
         applied = 0
         while True:
-            with _db.transaction(self.bind) as connection:
-                position = _db.lock(connection, PROJECTION)
+            with self._locked() as (connection, position):
                 rows = log.fetch(position, self.batch_size, connection=connection)
                 if not rows:
                     return applied
