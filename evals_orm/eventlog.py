@@ -11,7 +11,7 @@ import itertools
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 from uuid import UUID
 
 import attrs
@@ -22,9 +22,7 @@ from evals_orm.converters import dumps, loads
 from evals_orm.errors import EvalsError, EventConflictError, EventOrderError, InvalidEventError
 from evals_orm.events import EvalEvent, StoredEvalEvent
 from evals_orm.models import EventRow
-
-if TYPE_CHECKING:
-    from evals_orm.projection import SqlEvalProjection
+from evals_orm.projection import PROJECTION, SqlEvalProjection, apply_batch
 
 __all__ = ["InvalidLine", "SqlEventLog", "read_jsonl"]
 
@@ -57,8 +55,6 @@ class SqlEventLog:
         """
         if isinstance(events, StoredEvalEvent):
             events = (events,)
-        from evals_orm.projection import PROJECTION, apply_batch
-
         if projection is not None and _db.engine_of(projection.bind) is not _db.engine_of(
             self.bind
         ):
@@ -66,32 +62,42 @@ class SqlEventLog:
         appended = 0
         with _db.transaction(self.bind) as connection:
             _db.lock(connection, LOG)
-            before = self._last_position(connection)
             if projection is not None:
-                tracked = _db.lock(connection, PROJECTION)
+                # Bring the projection up to the log first: applying a new event
+                # of a study before an older, unprojected one would make a later
+                # catch_up take the older one for a duplicate and skip it.
+                self._catch_up(connection, _db.lock(connection, PROJECTION))
             last_of_study: dict[UUID, UUID] = {}
             for chunk in _chunks(events):
                 new = self._new_events(connection, chunk, last_of_study)
                 if not new:
                     continue
+                # One multi-row INSERT, not executemany: remote libSQL would
+                # send one request per row. Rows get positions in list order.
                 connection.execute(
-                    sa.insert(EventRow),
-                    [
-                        {
-                            "event_id": stored.event_id,
-                            "study_id": stored.event.study_id,
-                            "payload": payload,
-                        }
-                        for stored, payload in new
-                    ],
+                    sa.insert(EventRow).values(
+                        [
+                            {
+                                "event_id": stored.event_id,
+                                "study_id": stored.event.study_id,
+                                "payload": payload,
+                            }
+                            for stored, payload in new
+                        ]
+                    )
                 )
                 if projection is not None:
                     apply_batch(connection, [stored for stored, _ in new])
                 appended += len(new)
-            if projection is not None and appended and tracked == before:
-                # The projection was up to date with the log: it still is.
+            if projection is not None:
                 _db.set_position(connection, PROJECTION, self._last_position(connection))
         return appended
+
+    def _catch_up(self, connection: sa.Connection, position: int) -> None:
+        """Apply the logged events after ``position`` on ``connection`` (both locks held)."""
+        while rows := self.fetch(position, _CHUNK, connection=connection):
+            apply_batch(connection, [stored for _, stored in rows])
+            position = rows[-1][0]
 
     def _new_events(
         self,
@@ -112,7 +118,7 @@ class SqlEventLog:
         if unknown:
             # Log order is event_id order within a study, so the study's last
             # position holds its newest event (PostgreSQL has no max(uuid)).
-            last = (
+            newest = (
                 sa.select(sa.func.max(EventRow.position).label("position"))
                 .where(EventRow.study_id.in_(unknown))
                 .group_by(EventRow.study_id)
@@ -121,7 +127,7 @@ class SqlEventLog:
             last_of_study.update(
                 connection.execute(
                     sa.select(EventRow.study_id, EventRow.event_id).join(
-                        last, EventRow.position == last.c.position
+                        newest, EventRow.position == newest.c.position
                     )
                 ).all()
             )
@@ -130,7 +136,7 @@ class SqlEventLog:
             payload = dumps(stored.event)
             known = logged.get(stored.event_id)
             if known is not None:
-                if loads(known, EvalEvent) != stored.event:  # type: ignore[arg-type]
+                if known != payload and loads(known, EvalEvent) != stored.event:
                     raise EventConflictError(
                         f"event {stored.event_id} is already logged with another payload"
                     )
@@ -205,7 +211,7 @@ class SqlEventLog:
             with _db.read(self.bind) as own:
                 rows = own.execute(statement).all()
         return [
-            (position, StoredEvalEvent(event_id, loads(payload, EvalEvent)))  # type: ignore[arg-type]
+            (position, StoredEvalEvent(event_id, loads(payload, EvalEvent)))
             for position, event_id, payload in rows
         ]
 
@@ -255,7 +261,7 @@ def read_jsonl(
         with open(source, "rb") as stream:
             yield from _parse_lines(stream, name, errors)
         return
-    yield from _parse_lines(source, getattr(source, "name", "<stream>"), errors)
+    yield from _parse_lines(source, str(getattr(source, "name", "<stream>")), errors)
 
 
 def _parse_lines(
