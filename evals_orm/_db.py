@@ -97,7 +97,8 @@ def insert_for(dialect: sa.Dialect) -> Any:
     if dialect.name == "postgresql":
         return postgresql.insert
     if dialect.name == "sqlite":
-        if getattr(dialect, "server_version_info", None) and dialect.server_version_info < (3, 24):
+        version = dialect.server_version_info
+        if version is not None and version < (3, 24):
             raise DatabaseError("SQLite 3.24 or newer is needed (for ON CONFLICT upserts)")
         return sqlite.insert
     raise DatabaseError(f"the {dialect.name} dialect is not supported by evals_orm")

@@ -48,16 +48,20 @@ def ensure_utc(value: datetime, name: str) -> datetime:
     return value
 
 
-def _utc_field(value: datetime, field: attrs.Attribute[Any]) -> datetime:
-    return ensure_utc(value, field.name)
+def _to_utc(value: datetime) -> datetime:
+    # Naive values pass through to ``_aware``, which knows the field's name.
+    if isinstance(value, datetime) and value.utcoffset() is not None:
+        return ensure_utc(value, "datetime")
+    return value
 
 
-def _optional_utc_field(value: datetime | None, field: attrs.Attribute[Any]) -> datetime | None:
-    return None if value is None else ensure_utc(value, field.name)
+def _optional_to_utc(value: datetime | None) -> datetime | None:
+    return None if value is None else _to_utc(value)
 
 
-_utc = attrs.Converter(_utc_field, takes_field=True)  # type: ignore[misc,call-overload]
-_optional_utc = attrs.Converter(_optional_utc_field, takes_field=True)  # type: ignore[misc,call-overload]
+def _aware(_instance: object, attribute: attrs.Attribute[Any], value: datetime | None) -> None:
+    if value is not None:
+        ensure_utc(value, attribute.name)
 
 
 class StudyStatus(str, enum.Enum):
@@ -109,8 +113,8 @@ class StudyConfig:
 class TimePeriod:
     """A half-open interval ``[start, end)`` of UTC time."""
 
-    start: datetime = attrs.field(default=EPOCH, converter=_utc)
-    end: datetime = attrs.field(default=EPOCH, converter=_utc)
+    start: datetime = attrs.field(default=EPOCH, converter=_to_utc, validator=_aware)
+    end: datetime = attrs.field(default=EPOCH, converter=_to_utc, validator=_aware)
 
     @property
     def duration(self) -> timedelta:
@@ -155,9 +159,13 @@ class Study:
     period_type: PeriodType
     period_value: int | None
     config: StudyConfig
-    created_at: datetime = attrs.field(converter=_utc)
-    started_at: datetime | None = attrs.field(default=None, converter=_optional_utc)
-    stopped_at: datetime | None = attrs.field(default=None, converter=_optional_utc)
+    created_at: datetime = attrs.field(converter=_to_utc, validator=_aware)
+    started_at: datetime | None = attrs.field(
+        default=None, converter=_optional_to_utc, validator=_aware
+    )
+    stopped_at: datetime | None = attrs.field(
+        default=None, converter=_optional_to_utc, validator=_aware
+    )
 
     @property
     def is_active(self) -> bool:
@@ -176,7 +184,7 @@ class Checkpoint:
 
     id: CheckpointId
     study_id: StudyId
-    timestamp: datetime = attrs.field(converter=_utc)
+    timestamp: datetime = attrs.field(converter=_to_utc, validator=_aware)
     metrics: LongitudinalMetrics = attrs.field(factory=LongitudinalMetrics)
     events_analyzed: int = 0
     sessions_included: tuple[str, ...] = attrs.field(default=(), converter=_tags)

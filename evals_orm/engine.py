@@ -55,8 +55,10 @@ def create_engine(url: str | URL, *, auth_token: str | None = None, **engine_kwa
     elif scheme in ("postgresql", "postgres", "postgresql+psycopg"):
         engine = sa.create_engine(parsed.set(drivername="postgresql+psycopg"), **engine_kwargs)
     else:
-        raise ConfigurationError(f"unsupported database URL scheme {scheme!r}; expected {_SUPPORTED}")
-    if auth_token is not None and engine.dialect.name != "sqlite":
+        raise ConfigurationError(
+            f"unsupported database URL scheme {scheme!r}; expected {_SUPPORTED}"
+        )
+    if auth_token is not None and not (engine.dialect.driver == "libsql" and engine.url.host):
         raise ConfigurationError("auth_token is only used with a remote libSQL URL")
     _redact_errors(engine, auth_token)
     return engine
@@ -92,7 +94,9 @@ def _sqlite_pragmas_for(*, in_memory: bool) -> Any:
     return set_pragmas
 
 
-def _libsql_remote_engine(url: URL, auth_token: str | None, engine_kwargs: dict[str, Any]) -> Engine:
+def _libsql_remote_engine(
+    url: URL, auth_token: str | None, engine_kwargs: dict[str, Any]
+) -> Engine:
     if not url.host:
         raise ConfigurationError(f"a remote libSQL URL needs a host; expected {_SUPPORTED}")
     query = dict(url.query)
@@ -104,8 +108,12 @@ def _libsql_remote_engine(url: URL, auth_token: str | None, engine_kwargs: dict[
         use_tls = False
     elif secure is not None:
         use_tls = str(secure).lower() in _TRUE
+    elif tls is not None:
+        use_tls = str(tls).lower() in _TRUE
     else:
-        use_tls = tls is None or str(tls).lower() in _TRUE
+        # Turso's libsql:// means TLS; SQLAlchemy's sqlite+libsql://host keeps
+        # the dialect's meaning (plain http unless ?secure=true).
+        use_tls = url.drivername == "libsql"
     if use_tls:
         query["secure"] = "true"
     remote = url.set(drivername="sqlite+libsql", query=query)
@@ -135,13 +143,20 @@ def _redact(text: str, token: str | None = None) -> str:
 
 def _redact_errors(engine: Engine, token: str | None) -> None:
     """Translate libSQL's bare ``ValueError``s and keep the token out of messages."""
+    libsql = engine.dialect.driver == "libsql"
+    if libsql:
+        _typed_connect_errors(engine, token)
 
     @event.listens_for(engine, "handle_error")
     def handle_error(context: sa.engine.ExceptionContext) -> BaseException | None:
         original = context.original_exception
         if token and token in str(original):
             original = type(original)(_redact(str(original), token))
-        if isinstance(original, ValueError) and not isinstance(original, sa.exc.DBAPIError):
+        # Only errors the driver raised while executing: a ValueError from a
+        # bind processor (a naive datetime, say) is the caller's mistake and
+        # must stay a StatementError, not become an OperationalError.
+        from_driver = libsql and context.execution_context is not None
+        if from_driver and isinstance(original, ValueError):
             message = str(original)
             error_class: type[sa.exc.DBAPIError] = (
                 sa.exc.IntegrityError
@@ -152,3 +167,28 @@ def _redact_errors(engine: Engine, token: str | None) -> None:
         if original is not context.original_exception:
             return original
         return None
+
+
+def _typed_connect_errors(engine: Engine, token: str | None) -> None:
+    """Make a failed libSQL connect raise SQLAlchemy's ``OperationalError``.
+
+    libSQL raises a bare ``ValueError`` when it cannot connect, which
+    SQLAlchemy lets through unwrapped (it only wraps the DBAPI's ``Error``,
+    and the driver lacks the classes its error handling needs). A remote
+    connection is lazy, so it is probed once when the pool opens it.
+    """
+    remote = bool(engine.url.host)
+
+    @event.listens_for(engine, "do_connect")
+    def connect(
+        dialect: sa.Dialect, _record: ConnectionPoolEntry, cargs: Any, cparams: Any
+    ) -> DBAPIConnection:
+        try:
+            connection: DBAPIConnection = dialect.loaded_dbapi.connect(*cargs, **cparams)
+            if remote:
+                connection.execute("SELECT 1")
+        except ValueError as error:
+            raise sa.exc.OperationalError(
+                None, None, ValueError(_redact(str(error), token))
+            ) from None
+        return connection

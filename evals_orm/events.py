@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Union
 from uuid import UUID
 
 import attrs
@@ -16,8 +15,9 @@ from evals_orm.domain import (
     PeriodType,
     StudyConfig,
     StudyId,
+    _aware,
     _tags,
-    _utc,
+    _to_utc,
     uuid7,
 )
 
@@ -104,7 +104,7 @@ class CheckpointRecorded:
 
     id: CheckpointId
     study_id: StudyId
-    timestamp: datetime = attrs.field(converter=_utc)
+    timestamp: datetime = attrs.field(converter=_to_utc, validator=_aware)
     metrics: LongitudinalMetrics = attrs.field(factory=LongitudinalMetrics)
     events_analyzed: int = 0
     sessions_included: tuple[str, ...] = attrs.field(default=(), converter=_tags)
@@ -121,9 +121,9 @@ class CheckpointRecorded:
         )
 
 
-EvalEvent = Union[
-    StudyCreated, StudyStarted, StudyPaused, StudyResumed, StudyStopped, CheckpointRecorded
-]
+EvalEvent = (
+    StudyCreated | StudyStarted | StudyPaused | StudyResumed | StudyStopped | CheckpointRecorded
+)
 
 
 def uuid7_time(value: UUID) -> datetime:

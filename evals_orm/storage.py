@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import sqlalchemy as sa
+from typing_extensions import Unpack
 
 from evals_orm import _db
 from evals_orm.domain import Checkpoint, Study, StudyId, StudyStatus, ensure_utc
@@ -45,6 +46,8 @@ class EvalStorage(Protocol):
         """Return the study's checkpoints with ``start <= timestamp < end``, oldest first."""
         ...
 
+
+_Select = sa.Select[Unpack[tuple[Any, ...]]]
 
 _STUDY_COLUMNS = (
     StudyRow.id,
@@ -135,13 +138,13 @@ class SqlEvalStorage:
         return self._checkpoints(statement)
 
     @staticmethod
-    def _of_study(study_id: StudyId) -> sa.Select[tuple[object, ...]]:
+    def _of_study(study_id: StudyId) -> _Select:
         return sa.select(*_CHECKPOINT_COLUMNS).where(CheckpointRow.study_id == study_id)
 
-    def _studies(self, statement: sa.Select[tuple[object, ...]]) -> list[Study]:
+    def _studies(self, statement: _Select) -> list[Study]:
         with _db.read(self.bind) as connection:
             return [study_from_row(row) for row in connection.execute(statement)]
 
-    def _checkpoints(self, statement: sa.Select[tuple[object, ...]]) -> list[Checkpoint]:
+    def _checkpoints(self, statement: _Select) -> list[Checkpoint]:
         with _db.read(self.bind) as connection:
             return [checkpoint_from_row(row) for row in connection.execute(statement)]

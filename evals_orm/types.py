@@ -162,8 +162,8 @@ class _UnsignedInteger(TypeDecorator[int]):
     def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
         if value is None:
             return None
-        value = int(value)
-        return value + 2**64 if value < 0 else value
+        number = int(value)
+        return number + 2**64 if number < 0 else number
 
 
 class UInt64(_UnsignedInteger):
@@ -211,4 +211,3 @@ class WireJSON(TypeDecorator[T], Generic[T]):
             return loaded
         structured: T = converters.structure(value, self.value_type)
         return structured
-

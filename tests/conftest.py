@@ -19,9 +19,10 @@ from pathlib import Path
 import attrs
 import pytest
 import sqlalchemy as sa
-from sqld import SqldUnavailable, running_sqld
 
 from evals_orm import create_engine, migrations
+
+from sqld import SqldUnavailable, running_sqld
 
 BACKENDS = ("sqlite", "libsql", "libsql-remote", "postgresql")
 POSTGRES_ADMIN_URL = os.environ.get(

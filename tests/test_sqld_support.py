@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import QueuePool
+
 from sqld import (
     SQLD_ENV_VAR,
     SQLD_SHA256,

@@ -1,0 +1,247 @@
+"""create_engine: URL forms, connection settings, pools and keeping the token secret."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from conftest import Database
+from sqlalchemy.pool import QueuePool, StaticPool
+
+from evals_orm import ConfigurationError, create_engine
+from evals_orm.engine import BUSY_TIMEOUT_MS
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def _equivalent_urls(database: Database) -> list[str]:
+    """Return every URL form of SPEC section 5 that names ``database``."""
+    url = sa.make_url(database.url)
+    if database.backend == "sqlite":
+        return [database.url, database.url.replace("sqlite://", "sqlite+pysqlite://", 1)]
+    if database.backend == "libsql":
+        return [database.url]
+    if database.backend == "libsql-remote":
+        host = f"{url.host}:{url.port}"
+        return [
+            f"http://{host}",
+            f"libsql://{host}?tls=0",
+            f"sqlite+libsql://{host}",
+            f"libsql://{host}?secure=false",
+        ]
+    rest = database.url.split("://", 1)[1]
+    return [f"postgresql://{rest}", f"postgres://{rest}", f"postgresql+psycopg://{rest}"]
+
+
+def test_every_url_form_reaches_the_same_database(database: Database) -> None:
+    """Each accepted spelling of the database's URL connects to the same database."""
+    with database.engine().begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE probe (value INTEGER)")
+        connection.exec_driver_sql("INSERT INTO probe VALUES (42)")
+    for url in _equivalent_urls(database):
+        engine = create_engine(url, auth_token=database.auth_token)
+        try:
+            with engine.connect() as connection:
+                assert [(42,)] == connection.exec_driver_sql("SELECT value FROM probe").all()
+        finally:
+            engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected_url", "expected_pool"),
+    [
+        ("sqlite:///some.db", "sqlite+pysqlite:///some.db", "QueuePool"),
+        ("sqlite://", "sqlite+pysqlite://", "StaticPool"),
+        ("sqlite+libsql:///some.db", "sqlite+libsql:///some.db", "QueuePool"),
+        ("sqlite+libsql://", "sqlite+libsql://", "StaticPool"),
+        ("libsql://db.example.org", "sqlite+libsql://db.example.org?secure=true", "QueuePool"),
+        ("libsql://127.0.0.1:8080?tls=0", "sqlite+libsql://127.0.0.1:8080", "QueuePool"),
+        ("http://127.0.0.1:8080", "sqlite+libsql://127.0.0.1:8080", "QueuePool"),
+        ("sqlite+libsql://127.0.0.1:8080", "sqlite+libsql://127.0.0.1:8080", "QueuePool"),
+        ("sqlite+libsql://h?secure=true", "sqlite+libsql://h?secure=true", "QueuePool"),
+        ("libsql://h?tls=1", "sqlite+libsql://h?secure=true", "QueuePool"),
+        ("https://db.example.org", "sqlite+libsql://db.example.org?secure=true", "QueuePool"),
+        (
+            "https://db.example.org:8443",
+            "sqlite+libsql://db.example.org:8443?secure=true",
+            "QueuePool",
+        ),
+        ("postgresql://u@h/db", "postgresql+psycopg://u@h/db", "QueuePool"),
+        ("postgres://u@h/db", "postgresql+psycopg://u@h/db", "QueuePool"),
+    ],
+)
+def test_url_forms_map_to_driver_urls(url: str, expected_url: str, expected_pool: str) -> None:
+    """Each URL form becomes the right driver URL and pool, without connecting."""
+    engine = create_engine(url)
+    actual = (engine.url.render_as_string(hide_password=False), type(engine.pool).__name__)
+    assert (expected_url, expected_pool) == actual
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("mysql://u@h/db", "unsupported database URL scheme 'mysql'"),
+        ("nonsense", "cannot parse the database URL 'nonsense'"),
+        ("libsql://", "needs a host"),
+        ("https://", "needs a host"),
+    ],
+)
+def test_bad_urls_raise_configuration_error(url: str, message: str) -> None:
+    """Unsupported or malformed URLs raise ConfigurationError listing the accepted forms."""
+    with pytest.raises(ConfigurationError, match=message) as raised:
+        create_engine(url)
+    assert "sqlite+libsql:///PATH" in str(raised.value)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///x.db", "sqlite+libsql://", "postgresql://u@h/db"])
+def test_auth_token_with_a_local_url_is_a_configuration_error(url: str) -> None:
+    """An auth token given for a non-remote URL is refused rather than silently ignored."""
+    with pytest.raises(ConfigurationError, match="only used with a remote libSQL URL"):
+        create_engine(url, auth_token="secret-token")
+
+
+def test_file_databases_get_foreign_keys_wal_and_busy_timeout(database: Database) -> None:
+    """SQLite and libSQL connections run with foreign keys on, WAL and a busy timeout."""
+    if database.backend == "postgresql":
+        pytest.skip("SQLite pragmas do not exist on PostgreSQL")
+    engine = database.engine()
+    with engine.connect() as connection:
+        actual = [
+            connection.exec_driver_sql(f"PRAGMA {name}").scalar()
+            for name in ("foreign_keys", "journal_mode")
+        ]
+        if database.backend != "libsql-remote":  # sqld refuses busy_timeout; it has its own
+            actual.append(connection.exec_driver_sql("PRAGMA busy_timeout").scalar())
+    engine.dispose()
+    expected: list[object] = [1, "wal"]
+    if database.backend != "libsql-remote":
+        expected.append(BUSY_TIMEOUT_MS)
+    assert expected == actual
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite+libsql://"])
+def test_in_memory_database_is_shared_by_all_connections(url: str) -> None:
+    """Every connection and thread of an in-memory engine sees one database."""
+    engine = create_engine(url)
+    assert isinstance(engine.pool, StaticPool)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE shared (value INTEGER)")
+        connection.exec_driver_sql("INSERT INTO shared VALUES (7)")
+    seen: list[object] = []
+
+    def read() -> None:
+        with engine.connect() as other:
+            seen.append(other.exec_driver_sql("SELECT value FROM shared").scalar())
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    thread.join()
+    with engine.connect() as again:
+        seen.append(again.exec_driver_sql("SELECT value FROM shared").scalar())
+    assert [7, 7] == seen
+
+
+def test_connections_do_not_share_uncommitted_writes(database: Database) -> None:
+    """Two connections of one engine are isolated (remote libSQL uses a QueuePool)."""
+    engine = database.engine()
+    if database.backend == "libsql-remote":
+        assert isinstance(engine.pool, QueuePool)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE isolated (value INTEGER)")
+    with engine.connect() as writer, engine.connect() as reader:
+        writer.exec_driver_sql("INSERT INTO isolated VALUES (1)")
+        count = reader.exec_driver_sql("SELECT count(*) FROM isolated").scalar()
+        writer.rollback()
+    engine.dispose()
+    assert 0 == count
+
+
+def _remote_only(database: Database) -> str:
+    if database.auth_token is None:
+        pytest.skip("only remote libSQL takes an auth token")
+    return database.auth_token
+
+
+def test_token_is_absent_from_repr_and_url(database: Database) -> None:
+    """The auth token appears in no rendering of the engine or its URL."""
+    token = _remote_only(database)
+    for url, kwargs in (
+        (database.url, {"auth_token": token}),
+        (f"libsql://{database.url.split('://')[1]}?tls=0&authToken={token}", {}),
+    ):
+        engine = create_engine(url, **kwargs)
+        renderings = (
+            repr(engine),
+            str(engine.url),
+            engine.url.render_as_string(hide_password=False),
+            repr(engine.url),
+        )
+        with engine.connect() as connection:  # the token still authenticates
+            assert 1 == connection.exec_driver_sql("SELECT 1").scalar()
+        engine.dispose()
+        assert [] == [text for text in renderings if token in text]
+
+
+def test_token_is_absent_from_logs(database: Database, caplog: pytest.LogCaptureFixture) -> None:
+    """With echo=True, no log line carries the token, even for a failing statement."""
+    token = _remote_only(database)
+    caplog.set_level(logging.DEBUG)
+    engine = create_engine(database.url, auth_token=token, echo="debug")
+    with engine.connect() as connection:
+        connection.exec_driver_sql("SELECT 1").all()
+        with pytest.raises(sa.exc.OperationalError):
+            connection.exec_driver_sql("SELECT * FROM no_such_table")
+    engine.dispose()
+    assert caplog.records
+    assert [] == [record.getMessage() for record in caplog.records if token in record.getMessage()]
+
+
+def test_token_is_absent_from_query_errors(database: Database) -> None:
+    """A failing query raises a typed error whose text does not carry the token."""
+    token = _remote_only(database)
+    engine = create_engine(database.url, auth_token=token)
+    with engine.connect() as connection, pytest.raises(sa.exc.OperationalError) as raised:
+        connection.exec_driver_sql("SELECT * FROM no_such_table")
+    engine.dispose()
+    assert "no such table" in str(raised.value)
+    assert token not in str(raised.value)
+    assert token not in repr(raised.value)
+
+
+@pytest.mark.parametrize("scheme", ["http", "libsql"])
+def test_failed_connection_is_typed_and_hides_the_token(scheme: str) -> None:
+    """Connecting to a closed port raises OperationalError without the token."""
+    token = "s3cr3t-token-value"
+    url = f"{scheme}://127.0.0.1:{_closed_port()}?tls=0&authToken={token}"
+    engine = create_engine(url)
+    with pytest.raises(sa.exc.OperationalError, match="Connection refused") as raised:
+        engine.connect()
+    assert token not in str(raised.value)
+    assert token not in repr(engine)
+
+
+def test_wrong_token_is_rejected_without_echoing_it(database: Database) -> None:
+    """A token the server refuses raises OperationalError, and neither token is shown."""
+    token = _remote_only(database)
+    wrong = token[:-8] + "AAAAAAAA"
+    engine = create_engine(database.url, auth_token=wrong)
+    with pytest.raises(sa.exc.OperationalError, match="401") as raised:
+        engine.connect()
+    assert wrong not in str(raised.value)
+    assert token not in str(raised.value)
+
+
+def test_missing_libsql_directory_raises_operational_error(tmp_path: Path) -> None:
+    """A libSQL file in a missing directory fails as OperationalError, not a bare ValueError."""
+    engine = create_engine(f"sqlite+libsql:///{tmp_path / 'missing' / 'x.db'}")
+    with pytest.raises(sa.exc.OperationalError, match="missing"):
+        engine.connect()

@@ -1,0 +1,65 @@
+"""The built wheel ships the migrations: it upgrades a database with no source tree around."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(args), cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+@pytest.mark.slow
+def test_installed_wheel_migrates_without_a_source_tree(tmp_path: Path) -> None:
+    """A wheel built from the repo, installed in a fresh venv, runs migrations.upgrade()."""
+    dist = tmp_path / "dist"
+    # --no-isolation uses the hatchling already installed, so the build works offline.
+    built = _run(
+        sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist),
+        str(REPO), cwd=tmp_path,
+    )  # fmt: skip
+    assert 0 == built.returncode, built.stdout + built.stderr
+    (wheel,) = dist.glob("evals_orm-*.whl")
+
+    venv = tmp_path / "venv"
+    assert 0 == _run(sys.executable, "-m", "venv", str(venv), cwd=tmp_path).returncode
+    python = venv / "bin" / "python"
+    # The dependencies come from the test environment (offline and fast); the package
+    # itself only from the wheel, since the repo is not on the venv's path.
+    site = Path(_run(str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))",
+                     cwd=tmp_path).stdout.strip())  # fmt: skip
+    (site / "test-deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    installed = _run(
+        str(python), "-m", "pip", "install", "--no-index", "--quiet", str(wheel), cwd=tmp_path
+    )
+    assert 0 == installed.returncode, installed.stdout + installed.stderr
+
+    work = tmp_path / "work"
+    work.mkdir()
+    upgraded = _run(
+        str(python),
+        "-c",
+        "import evals_orm; from evals_orm import migrations;"
+        "print(evals_orm.__file__, migrations.script_location());"
+        "migrations.upgrade('sqlite+libsql:///x.db')",
+        cwd=work,
+    )
+    assert 0 == upgraded.returncode, upgraded.stderr
+    module, scripts = upgraded.stdout.split()
+    assert Path(module).is_relative_to(site)
+    assert site / "evals_orm" / "_alembic" == Path(scripts)
+    with sqlite3.connect(work / "x.db") as connection:
+        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
+        version = connection.execute("SELECT version_num FROM evals_orm_alembic_version").fetchall()
+    assert {"studies", "checkpoints", "eval_events", "eval_tracking"} <= tables
+    assert [("0001",)] == version
