@@ -7,8 +7,10 @@ never branch on the dialect and never leak a driver exception.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Union
 
 import sqlalchemy as sa
@@ -18,12 +20,25 @@ from sqlalchemy.orm import Session, sessionmaker
 from evals_orm.errors import DatabaseError, EvalsError
 from evals_orm.models import TrackingRow
 
-__all__ = ["Bind", "engine_of", "lock", "read", "set_position", "transaction", "upsert"]
+__all__ = [
+    "Bind",
+    "engine_of",
+    "insert_for",
+    "lock",
+    "read",
+    "set_position",
+    "transaction",
+    "translate",
+    "upsert",
+]
 
 Bind = Union[sa.Engine, "sessionmaker[Session]"]
 
 _MISSING_SCHEMA = re.compile(
     r"no such table|relation \"?[\w.]+\"? does not exist|UndefinedTable", re.IGNORECASE
+)
+_UNAUTHORIZED = re.compile(
+    r"\b401\b|unauthori[sz]ed|password authentication failed|invalid token|jwt", re.IGNORECASE
 )
 _UNREACHABLE = re.compile(
     r"connection refused|could not connect|connection failed|"
@@ -43,12 +58,17 @@ def engine_of(bind: Bind) -> sa.Engine:
     return engine
 
 
-def _translate(error: Exception) -> EvalsError:
+def translate(error: Exception) -> EvalsError:
+    """Return the ``DatabaseError`` that tells the user what to do about a driver error."""
     message = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
     if _MISSING_SCHEMA.search(message):
         return DatabaseError(
             "the evals_orm tables are missing from this database; "
             "run `evals-orm db upgrade` (or evals_orm.migrations.upgrade) first"
+        )
+    if _UNAUTHORIZED.search(message):
+        return DatabaseError(
+            f"the database refused the credentials ({message}); check the auth token or password"
         )
     if _UNREACHABLE.search(message):
         return DatabaseError(
@@ -65,12 +85,38 @@ def _translated() -> Iterator[None]:
     except EvalsError:
         raise
     except sa.exc.DBAPIError as error:
-        raise _translate(error) from error
+        raise translate(error) from error
+
+
+# The connection of the transaction this context (thread, task) is inside, so
+# reads nested in it - e.g. ``rebuild(log.read())`` - use that connection: on
+# an in-memory database every checkout is the same DBAPI connection, and a
+# second checkout's rollback would undo the open transaction.
+_ACTIVE: ContextVar[tuple[sa.Engine, sa.Connection] | None] = ContextVar(
+    "evals_orm_active_connection", default=None
+)
+
+# Writers of one database in one process queue on this lock before the
+# database's own: the libSQL driver keeps the GIL while it waits on a locked
+# database, so a waiting thread would stop the lock holder from committing.
+_WRITERS: dict[str, threading.Lock] = {}
+_WRITERS_GUARD = threading.Lock()
+
+
+def _writer_lock(engine: sa.Engine) -> threading.Lock:
+    key = engine.url.render_as_string(hide_password=True)
+    with _WRITERS_GUARD:
+        return _WRITERS.setdefault(key, threading.Lock())
 
 
 @contextmanager
 def read(bind: Bind) -> Iterator[sa.Connection]:
     """Yield a Connection for reads; driver errors become ``DatabaseError``."""
+    engine = engine_of(bind)
+    active = _ACTIVE.get()
+    if active is not None and active[0] is engine:
+        yield active[1]
+        return
     with _translated():
         if isinstance(bind, sa.Engine):
             with bind.connect() as connection:
@@ -82,14 +128,31 @@ def read(bind: Bind) -> Iterator[sa.Connection]:
 
 @contextmanager
 def transaction(bind: Bind) -> Iterator[sa.Connection]:
-    """Yield a Connection in a transaction committed at the end, rolled back on error."""
-    with _translated():
+    """Yield a Connection in a write transaction, committed at the end, rolled back on error.
+
+    On PostgreSQL the transaction is READ COMMITTED whatever the engine's
+    default, so a writer that waited for a lock row reads what its
+    predecessor committed instead of failing to serialise.
+    """
+    engine = engine_of(bind)
+    with _writer_lock(engine), _translated():
         if isinstance(bind, sa.Engine):
-            with bind.begin() as connection:
-                yield connection
+            with bind.connect() as connection:
+                if engine.dialect.name == "postgresql":
+                    connection.execution_options(isolation_level="READ COMMITTED")
+                with connection.begin():
+                    yield from _activated(engine, connection)
         else:
             with bind.begin() as session:
-                yield session.connection()
+                yield from _activated(engine, session.connection())
+
+
+def _activated(engine: sa.Engine, connection: sa.Connection) -> Iterator[sa.Connection]:
+    token = _ACTIVE.set((engine, connection))
+    try:
+        yield connection
+    finally:
+        _ACTIVE.reset(token)
 
 
 def insert_for(dialect: sa.Dialect) -> Any:

@@ -659,7 +659,7 @@ def _parser() -> _Parser:
 
 def _database_message(error: sa.exc.SQLAlchemyError) -> str:
     if isinstance(error, sa.exc.DBAPIError):
-        return str(_db._translate(error))  # the same wording as the services' errors
+        return str(_db.translate(error))  # the same wording as the services' errors
     return str(error).strip().splitlines()[0]
 
 

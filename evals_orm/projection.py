@@ -18,7 +18,6 @@ duplicate: redelivery changes nothing, and a crash leaves a prefix.
 from __future__ import annotations
 
 import itertools
-import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -51,19 +50,6 @@ __all__ = ["EvalProjection", "SqlEvalProjection"]
 
 PROJECTION = "projection"
 DEFAULT_BATCH_SIZE = 1000
-
-# The lock row already serialises every projection writer of a database, so
-# writers of one process may as well queue here first: the libSQL driver keeps
-# the GIL while it waits on a locked database, so a thread waiting there would
-# stop the thread that holds the lock from ever committing.
-_WRITERS: dict[str, threading.Lock] = {}
-_WRITERS_GUARD = threading.Lock()
-
-
-def _writer_lock(engine: sa.Engine) -> threading.Lock:
-    key = engine.url.render_as_string(hide_password=True)
-    with _WRITERS_GUARD:
-        return _WRITERS.setdefault(key, threading.Lock())
 
 
 @runtime_checkable
@@ -262,7 +248,7 @@ class SqlEvalProjection:
     @contextmanager
     def _locked(self) -> Iterator[tuple[sa.Connection, int]]:
         """Yield a Connection in a transaction holding the projection lock, and the position."""
-        with _writer_lock(_db.engine_of(self.bind)), _db.transaction(self.bind) as connection:
+        with _db.transaction(self.bind) as connection:
             yield connection, _db.lock(connection, PROJECTION)
 
     def apply(self, stored: StoredEvalEvent) -> bool:

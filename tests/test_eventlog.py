@@ -476,11 +476,6 @@ def test_rebuild_streams_the_log_in_pages(migrated: sa.Engine) -> None:
     assert _rebuilt_snapshot(migrated, log)[0][0].started_at is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (engine.py/_db.py): an in-memory engine shares one DBAPI connection, so the "
-    "rollback that closes each log.read() page connection undoes the open rebuild transaction",
-)
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite+libsql://"])
 def test_rebuild_from_the_log_of_an_in_memory_database(url: str) -> None:
     """rebuild(log.read()) over more than one page works on an in-memory database too."""
