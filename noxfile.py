@@ -22,7 +22,7 @@ CODE = ["evals_orm", "tests", "benchmarks", "alembic", "noxfile.py"]
 def tests(session: nox.Session, backend: str) -> None:
     """Run the test suite against one backend, on the installed package."""
     session.install(".[test]")
-    selection = [] if backend == ONCE else ["-m", "not slow and not backend_independent"]
+    selection = [] if backend == ONCE else ["-m", "not backend_independent"]
     session.run("pytest", "--backend", backend, *selection, *session.posargs)
 
 

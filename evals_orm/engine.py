@@ -16,6 +16,7 @@ from evals_orm.errors import ConfigurationError
 __all__ = ["create_engine"]
 
 BUSY_TIMEOUT_MS = 30_000
+REMOTE_POOL_RECYCLE_S = 5
 _SUPPORTED = (
     "sqlite:///PATH, sqlite://, sqlite+libsql:///PATH, sqlite+libsql://, "
     "libsql://HOST, https://HOST, http://HOST:PORT or postgresql://..."
@@ -124,6 +125,9 @@ def _libsql_remote_engine(
     # The dialect's default SingletonThreadPool would let two connections of a
     # thread share one remote stream and see each other's uncommitted rows.
     kwargs.setdefault("poolclass", QueuePool)
+    # sqld expires a stream after about 10 s without a request; a pooled
+    # connection is replaced before it can be handed out expired.
+    kwargs.setdefault("pool_recycle", REMOTE_POOL_RECYCLE_S)
     return sa.create_engine(remote, **kwargs)
 
 
@@ -163,6 +167,9 @@ def _redact_errors(engine: Engine, token: str | None) -> None:
                 if "constraint failed" in message.lower()
                 else sa.exc.OperationalError
             )
+            if "STREAM_EXPIRED" in message:
+                # The server forgot the stream: the pool must drop this connection.
+                context.is_disconnect = True
             return error_class(context.statement, None, original, connection_invalidated=False)
         if original is not context.original_exception:
             return original

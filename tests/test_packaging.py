@@ -34,15 +34,17 @@ def test_installed_wheel_migrates_without_a_source_tree(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     assert 0 == _run(sys.executable, "-m", "venv", str(venv), cwd=tmp_path).returncode
     python = venv / "bin" / "python"
-    # The dependencies come from the test environment (offline and fast); the package
-    # itself only from the wheel, since the repo is not on the venv's path.
+    # The package comes only from the wheel (the repo is not on the venv's path);
+    # its dependencies from the test environment, added after the install so pip
+    # does not take the test environment's own evals_orm for the wheel.
+    installed = _run(
+        str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", str(wheel),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert 0 == installed.returncode, installed.stdout + installed.stderr
     site = Path(_run(str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))",
                      cwd=tmp_path).stdout.strip())  # fmt: skip
     (site / "test-deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    installed = _run(
-        str(python), "-m", "pip", "install", "--no-index", "--quiet", str(wheel), cwd=tmp_path
-    )
-    assert 0 == installed.returncode, installed.stdout + installed.stderr
 
     work = tmp_path / "work"
     work.mkdir()
