@@ -22,8 +22,10 @@ from evals_orm.models import TrackingRow
 
 __all__ = [
     "Bind",
+    "batch_size",
     "engine_of",
     "insert_for",
+    "insert_rows",
     "lock",
     "read",
     "set_position",
@@ -167,6 +169,31 @@ def insert_for(dialect: sa.Dialect) -> Any:
     raise DatabaseError(f"the {dialect.name} dialect is not supported by evals_orm")
 
 
+def _is_remote_libsql(dialect: sa.Dialect, connection: sa.Connection) -> bool:
+    return dialect.driver == "libsql" and bool(connection.engine.url.host)
+
+
+# SQLite's limit on the parameters of one statement (SQLITE_MAX_VARIABLE_NUMBER).
+_SQLITE_MAX_PARAMETERS = 32_766
+
+
+def _execute_rows(
+    connection: sa.Connection, statement: Any, rows: Sequence[Mapping[str, Any]]
+) -> None:
+    """Execute ``statement`` for every row: executemany, or multi-row VALUES on remote libSQL.
+
+    Remote libSQL sends one request per row of an executemany, so rows go
+    there as few multi-row statements instead (in order, so generated keys
+    follow the rows' order as with executemany).
+    """
+    if not _is_remote_libsql(connection.dialect, connection):
+        connection.execute(statement, list(rows))
+        return
+    per_statement = max(1, _SQLITE_MAX_PARAMETERS // max(1, len(rows[0])))
+    for start in range(0, len(rows), per_statement):
+        connection.execute(statement.values(list(rows[start : start + per_statement])))
+
+
 def upsert(
     connection: sa.Connection,
     entity: Any,
@@ -183,7 +210,64 @@ def upsert(
         index_elements=list(key),
         set_={name: statement.excluded[name] for name in update},
     )
-    connection.execute(statement, list(rows))
+    _execute_rows(connection, statement, rows)
+
+
+def batch_size(engine: sa.Engine) -> int:
+    """Return how many events a write transaction should take on ``engine``.
+
+    Large batches amortise statements and commits. A remote libSQL server
+    aborts a transaction that keeps a waiting writer out for about 5 s, so
+    batches there stay small.
+    """
+    if engine.dialect.driver == "libsql" and engine.url.host:
+        return 500
+    return 5000
+
+
+def insert_rows(connection: sa.Connection, entity: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert ``rows`` (all with the same keys) in bulk: ``COPY`` on PostgreSQL, else executemany.
+
+    Values go through the columns' own types either way, so the rows are
+    exactly what an ``INSERT`` of them would store, in the order given.
+    """
+    if not rows:
+        return
+    dialect = connection.dialect
+    if dialect.name == "postgresql" and dialect.driver == "psycopg":
+        _copy_rows(connection, entity.__table__, rows)
+    else:
+        _execute_rows(connection, sa.insert(entity), rows)
+
+
+def _copy_rows(
+    connection: sa.Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]]
+) -> None:
+    dialect = connection.dialect
+    names = list(rows[0])
+    columns = [
+        (name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in names
+    ]
+    quote = dialect.identifier_preparer.quote
+    statement = (
+        f"COPY {dialect.identifier_preparer.format_table(table)} "
+        f"({', '.join(quote(name) for name in names)}) FROM STDIN"
+    )
+    driver_connection = connection.connection.driver_connection
+    assert driver_connection is not None
+    try:
+        with driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(
+                    [
+                        row[name] if process is None else process(row[name])
+                        for name, process in columns
+                    ]
+                )
+    except dialect.loaded_dbapi.Error as error:
+        raise sa.exc.DBAPIError.instance(
+            statement, None, error, dialect.loaded_dbapi.Error
+        ) from error
 
 
 def lock(connection: sa.Connection, name: str) -> int:

@@ -42,8 +42,10 @@ __all__ = [
     "converter",
     "dumps",
     "loads",
+    "loads_stored",
     "make_converter",
     "structure",
+    "structure_stored",
     "unstructure",
 ]
 
@@ -310,6 +312,12 @@ _RFC3339 = re.compile(
     r"(?:\.([0-9]+))?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
 )
 
+
+def _canonical_datetime(value: str) -> datetime:
+    # fromisoformat takes "Z" only from Python 3.11 on.
+    return datetime.fromisoformat(value[:-1]).replace(tzinfo=_UTC)
+
+
 _RFC3339_CANONICAL = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-5][0-9]:[0-5][0-9](?:\.[0-9]{3}(?:[0-9]{3})?)?Z"
 )
@@ -321,7 +329,7 @@ def _datetime_value(value: Any, path: _Path, key: _Key) -> datetime:
     if _RFC3339_CANONICAL.fullmatch(value):
         # What the original writes; fromisoformat is exact for it, and faster.
         try:
-            return datetime.fromisoformat(value)
+            return _canonical_datetime(value)
         except ValueError as exc:
             _fail_at(path, key, f"invalid timestamp {value!r}: {exc}")
     match = _RFC3339.fullmatch(value)
@@ -793,6 +801,169 @@ def _u_str_tuple(value: Any, path: _Path) -> list[str]:
     return [_text_out(item, path, index) for index, item in enumerate(value)]
 
 
+# --- fast paths for the SQL columns ---------------------------------------
+#
+# A checkpoint's metrics are written and read once per row, so they get
+# straight-line code. Each fast path handles only values that are valid
+# beyond doubt and gives up (returns None) on anything else, leaving the
+# general path above to produce the same output or the precise error.
+
+_METRICS_JSON = (
+    '{"sessions_completed":%d,"session_success_rate":%s,"avg_session_duration":[%d,%d],'
+    '"tasks_completed":%d,"first_attempt_success_rate":%s,"avg_iterations_to_success":%s,'
+    '"agent_efficiency":%s,"tool_success_rate":%s,"self_correction_rate":%s,'
+    '"swarm_coordination_overhead":%s,"parallelism_efficiency":%s,"learnings_applied":%d,'
+    '"learning_effectiveness":%s,"total_tokens":%d,"total_cost":%s,'
+    '"cost_per_successful_task":%s,"period":{"start":"%s","end":"%s"}}'
+)
+_float_repr = float.__repr__
+
+
+def _plain_u64(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= _U64_MAX
+
+
+def _fast_metrics_json(m: LongitudinalMetrics) -> str | None:
+    try:
+        # float.__repr__ refuses anything but a float (an int, a bool).
+        floats = list(
+            map(
+                _float_repr,
+                (
+                    m.session_success_rate,
+                    m.first_attempt_success_rate,
+                    m.avg_iterations_to_success,
+                    m.agent_efficiency,
+                    m.tool_success_rate,
+                    m.self_correction_rate,
+                    m.swarm_coordination_overhead,
+                    m.parallelism_efficiency,
+                    m.learning_effectiveness,
+                    m.total_cost,
+                    m.cost_per_successful_task,
+                ),
+            )
+        )
+    except TypeError:
+        return None
+    written = "".join(floats)
+    duration = m.avg_session_duration
+    period = m.period
+    if (
+        # "e": an exponent, which ryu writes otherwise; "n": inf or nan.
+        "e" in written
+        or "n" in written
+        or not (
+            _plain_u64(m.sessions_completed)
+            and _plain_u64(m.tasks_completed)
+            and _plain_u64(m.learnings_applied)
+            and _plain_u64(m.total_tokens)
+        )
+        or type(duration) is not timedelta
+        or type(period) is not TimePeriod
+    ):
+        return None
+    return _METRICS_JSON % (
+        m.sessions_completed,
+        floats[0],
+        duration.days * 86_400 + duration.seconds,
+        duration.microseconds * 1000,
+        m.tasks_completed,
+        *floats[1:8],
+        m.learnings_applied,
+        floats[8],
+        m.total_tokens,
+        floats[9],
+        floats[10],
+        _datetime_out(period.start, "", "start"),
+        _datetime_out(period.end, "", "end"),
+    )
+
+
+def _fast_str_tuple_json(value: Any) -> str | None:
+    if type(value) is not tuple or _C_ENCODE is None:
+        return None
+    for item in value:
+        if type(item) is not str or not item.isascii():
+            return None
+    return "".join(_C_ENCODE(list(value), 0))
+
+
+# Stored JSON was written by ``dumps`` (or the original service), so reading
+# it back needs neither the duplicate-key check nor Python-level number hooks.
+_TRUSTED_DECODER = json.JSONDecoder(parse_constant=_parse_constant)
+_METRICS_U64 = ("sessions_completed", "tasks_completed", "learnings_applied", "total_tokens")
+_METRICS_F64 = (
+    "session_success_rate",
+    "first_attempt_success_rate",
+    "avg_iterations_to_success",
+    "agent_efficiency",
+    "tool_success_rate",
+    "self_correction_rate",
+    "swarm_coordination_overhead",
+    "parallelism_efficiency",
+    "learning_effectiveness",
+    "total_cost",
+    "cost_per_successful_task",
+)
+
+
+def _canonical_shape(value: Any) -> bool:
+    # What ``dumps`` writes: 0, 3 or 6 fraction digits and "Z".
+    return (
+        type(value) is str
+        and len(value) in (20, 24, 27)
+        and value[-1] == "Z"
+        and value[10] == "T"
+        and value[4] == "-"
+    )
+
+
+def _fast_metrics(o: Any) -> LongitudinalMetrics | None:
+    if type(o) is not dict:
+        return None
+    try:
+        for key in _METRICS_U64:
+            if not _plain_u64(o[key]):
+                return None
+        for key in _METRICS_F64:
+            if type(o[key]) is not float:
+                return None
+        seconds, nanos = o["avg_session_duration"]
+        period = o["period"]
+        start, end = period["start"], period["end"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (
+        type(seconds) is int
+        and type(nanos) is int
+        and 0 <= nanos < _NANOS_PER_SECOND
+        and -(2**37) < seconds < 2**37  # well inside timedelta's range
+        and _canonical_shape(start)
+        and _canonical_shape(end)
+    ):
+        return None
+    return LongitudinalMetrics(
+        o["sessions_completed"],
+        o["session_success_rate"],
+        timedelta(seconds=seconds, microseconds=nanos // 1000),
+        o["tasks_completed"],
+        o["first_attempt_success_rate"],
+        o["avg_iterations_to_success"],
+        o["agent_efficiency"],
+        o["tool_success_rate"],
+        o["self_correction_rate"],
+        o["swarm_coordination_overhead"],
+        o["parallelism_efficiency"],
+        o["learnings_applied"],
+        o["learning_effectiveness"],
+        o["total_tokens"],
+        o["total_cost"],
+        o["cost_per_successful_task"],
+        TimePeriod(_canonical_datetime(start), _canonical_datetime(end)),
+    )
+
+
 # --- the converter ----------------------------------------------------------
 
 _StructureFn = Callable[[Any, _Path], Any]
@@ -924,12 +1095,48 @@ def structure(data: Any, cls: Any = StoredEvalEvent) -> Any:
 
 def dumps(obj: Any, cls: Any = None) -> str:
     """Return the compact wire-format JSON of ``obj``, byte-identical to the original."""
+    kind = type(obj)
+    if kind is LongitudinalMetrics:
+        fast = _fast_metrics_json(obj)
+        if fast is not None:
+            return fast
+    elif kind is tuple:
+        fast = _fast_str_tuple_json(obj)
+        if fast is not None:
+            return fast
     data = converter.unstructure(obj, unstructure_as=cls)
     if _C_ENCODE is not None:
         text = "".join(_C_ENCODE(data, 0))
         if _PY_EXPONENT.search(text) is None:
             return text
     return _encode(data)
+
+
+def loads_stored(text: str | bytes, cls: Any) -> Any:
+    """Parse JSON this package stored in a column, as ``loads(text, cls)`` does.
+
+    Stored JSON was written by ``dumps`` (or the original service), so it is
+    read without the duplicate-key check and number hooks that untrusted
+    input needs, and the common shapes take a fast path.
+    """
+    try:
+        data = _TRUSTED_DECODER.decode(text if isinstance(text, str) else text.decode())
+    except (ValueError, InvalidEventError, RecursionError):
+        return loads(text, cls)
+    return structure_stored(data, cls)
+
+
+def structure_stored(data: Any, cls: Any) -> Any:
+    """Build a ``cls`` from JSON values this package stored (e.g. jsonb), as ``structure``."""
+    if cls is LongitudinalMetrics:
+        fast: Any = _fast_metrics(data)
+        if fast is not None:
+            return fast
+    elif cls == tuple[str, ...] and type(data) is list:
+        fast = tuple(data)
+        if all(type(item) is str for item in fast):
+            return fast
+    return structure(data, cls)
 
 
 @overload

@@ -72,19 +72,17 @@ class SqlEventLog:
                 new = self._new_events(connection, chunk, last_of_study)
                 if not new:
                     continue
-                # One multi-row INSERT, not executemany: remote libSQL would
-                # send one request per row. Rows get positions in list order.
-                connection.execute(
-                    sa.insert(EventRow).values(
-                        [
-                            {
-                                "event_id": stored.event_id,
-                                "study_id": stored.event.study_id,
-                                "payload": payload,
-                            }
-                            for stored, payload in new
-                        ]
-                    )
+                _db.insert_rows(
+                    connection,
+                    EventRow,
+                    [
+                        {
+                            "event_id": stored.event_id,
+                            "study_id": stored.event.study_id,
+                            "payload": payload,
+                        }
+                        for stored, payload in new
+                    ],
                 )
                 if projection is not None:
                     apply_batch(connection, [stored for stored, _ in new])

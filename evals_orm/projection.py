@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 __all__ = ["EvalProjection", "SqlEvalProjection"]
 
 PROJECTION = "projection"
-DEFAULT_BATCH_SIZE = 1000
 
 
 @runtime_checkable
@@ -213,11 +212,9 @@ def apply_batch(connection: sa.Connection, events: list[StoredEvalEvent]) -> int
         key=("id",),
         update=_UPDATED_COLUMNS,
     )
-    if batch.new_checkpoints:
-        connection.execute(
-            sa.insert(CheckpointRow),
-            [attrs.asdict(c, recurse=False) for c in batch.new_checkpoints],
-        )
+    _db.insert_rows(
+        connection, CheckpointRow, [attrs.asdict(c, recurse=False) for c in batch.new_checkpoints]
+    )
     return batch.applied
 
 
@@ -236,7 +233,9 @@ class SqlEvalProjection:
     each committed batch whole.
     """
 
-    def __init__(self, bind: _db.Bind, *, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+    def __init__(self, bind: _db.Bind, *, batch_size: int | None = None) -> None:
+        if batch_size is None:
+            batch_size = _db.batch_size(_db.engine_of(bind))
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.bind = bind

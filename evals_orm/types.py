@@ -195,19 +195,25 @@ class WireJSON(TypeDecorator[T], Generic[T]):
             return dialect.type_descriptor(postgresql.JSONB())
         return dialect.type_descriptor(sa.Text())
 
+    def bind_processor(self, dialect: Dialect) -> Any:
+        # The value is written as wire JSON text on every backend; jsonb's own
+        # processor (which would encode it again) is skipped on purpose and
+        # PostgreSQL parses the text at the bind's ``::JSONB`` cast.
+        dumps = converters.dumps
+
+        def process(value: T | None) -> str | None:
+            return None if value is None else dumps(value)
+
+        return process
+
     def process_bind_param(self, value: T | None, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        if _is_postgresql(dialect):
-            # jsonb encodes the JSON-compatible value itself.
-            return converters.unstructure(value)
-        return converters.dumps(value)
+        return None if value is None else converters.dumps(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> T | None:
         if value is None:
             return None
         if isinstance(value, (str, bytes)):
-            loaded: T = converters.loads(value, self.value_type)
+            loaded: T = converters.loads_stored(value, self.value_type)
             return loaded
-        structured: T = converters.structure(value, self.value_type)
+        structured: T = converters.structure_stored(value, self.value_type)
         return structured

@@ -16,14 +16,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from evals_orm import converters
 from evals_orm.converters import (
     _format_float,
     configure_converter,
     converter,
     dumps,
     loads,
+    loads_stored,
     make_converter,
     structure,
+    structure_stored,
     unstructure,
 )
 from evals_orm.domain import (
@@ -206,6 +209,19 @@ def test_value_types_round_trip(
     assert metric == loads(dumps(metric), LongitudinalMetrics)
     assert period == loads(dumps(period), TimePeriod)
     assert names == loads(dumps(names), tuple[str, ...])
+
+
+@given(metrics, st.lists(texts).map(tuple))
+def test_column_fast_paths_agree_with_the_general_path(
+    metric: LongitudinalMetrics, names: tuple[str, ...]
+) -> None:
+    """The fast paths for stored columns write and read exactly what the general path does."""
+    for value, cls in ((metric, LongitudinalMetrics), (names, tuple[str, ...])):
+        text = dumps(value)
+        assert converters._encode(unstructure(value)) == text
+        assert loads(text, cls) == loads_stored(text, cls)
+        assert loads(text, cls) == structure_stored(json.loads(text), cls)
+        assert value == loads_stored(text, cls)
 
 
 @given(utc_datetimes, st.integers(-23 * 60 - 59, 23 * 60 + 59), st.integers(0, 999))

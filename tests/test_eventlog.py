@@ -469,7 +469,7 @@ def test_rebuild_streams_the_log_in_pages(migrated: sa.Engine) -> None:
 
     sa.event.listen(migrated, "before_cursor_execute", record)
     try:
-        assert 2500 == SqlEvalProjection(migrated).rebuild(log.read())
+        assert 2500 == SqlEvalProjection(migrated, batch_size=1000).rebuild(log.read())
     finally:
         sa.event.remove(migrated, "before_cursor_execute", record)
     assert ["page", "write"] * 3 == [step for step, _ in itertools.groupby(steps)]
