@@ -23,7 +23,8 @@ def tests(session: nox.Session, backend: str) -> None:
     """Run the test suite against one backend, on the installed package."""
     session.install(".[test]")
     selection = [] if backend == ONCE else ["-m", "not backend_independent"]
-    session.run("pytest", "--backend", backend, *selection, *session.posargs)
+    # Every test has its own database, so the tests run in parallel safely.
+    session.run("pytest", "-n", "auto", "--backend", backend, *selection, *session.posargs)
 
 
 @nox.session
