@@ -163,8 +163,10 @@ class SqlEventLog:
     ) -> Iterator[StoredEvalEvent]:
         """Iterate over the logged events in log order, after the logged event ``after``.
 
-        Events are fetched in pages, each in its own short read, so the log
-        is never held in memory and no cursor stays open between pages.
+        An ``after`` that is not in the log raises ``EvalsError`` here, not at
+        the first ``next()``. Events are fetched in pages, each in its own
+        short read, so the log is never held in memory and no cursor stays
+        open between pages.
         """
         if limit is not None and limit < 0:
             raise ValueError(f"limit must not be negative, got {limit}")
@@ -177,7 +179,9 @@ class SqlEventLog:
             if found is None:
                 raise EvalsError(f"event {after} is not in the log")
             position = found
-        remaining = limit
+        return self._pages(position, limit)
+
+    def _pages(self, position: int, remaining: int | None) -> Iterator[StoredEvalEvent]:
         while remaining is None or remaining > 0:
             page = _CHUNK if remaining is None else min(_CHUNK, remaining)
             rows = self.fetch(position, page)
