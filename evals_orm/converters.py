@@ -619,14 +619,6 @@ def _check_type(value: Any, cls: type[Any], path: _Path) -> None:
         _fail(path, f"expected {cls.__name__}, got {_describe(value)}")
 
 
-def _text_out(value: Any, path: _Path, key: _Key) -> str:
-    if type(value) is not str:
-        _fail_at(path, key, f"expected a str, got {_describe(value)}")
-    if not value.isascii():
-        _check_surrogates(value, path, key)
-    return value
-
-
 def _u64_out(value: Any, path: _Path, key: str) -> int:
     if type(value) is int and 0 <= value <= _U64_MAX:
         return value
@@ -685,20 +677,20 @@ def _str_list_out(value: Any, path: _Path, key: _Key) -> list[str]:
     inner = _at(path, key)
     if not isinstance(value, tuple):
         _fail(inner, f"expected a tuple of str, got {_describe(value)}")
-    return [_text_out(item, inner, index) for index, item in enumerate(value)]
+    return [_text(item, inner, index) for index, item in enumerate(value)]
 
 
 def _u_config(config: Any, path: _Path) -> dict[str, Any]:
     _check_type(config, StudyConfig, path)
     out: dict[str, Any] = {}
     if config.description is not None:
-        out["description"] = _text_out(config.description, path, "description")
+        out["description"] = _text(config.description, path, "description")
     if config.tags:
         out["tags"] = _str_list_out(config.tags, path, "tags")
     if config.metadata:
         inner = _at(path, "metadata")
         out["metadata"] = {
-            _text_out(name, inner, "<key>"): _text_out(item, inner, name)
+            _text(name, inner, "<key>"): _text(item, inner, name)
             for name, item in config.metadata.items()
         }
     return out
@@ -779,7 +771,7 @@ def _u_event(event: Any, path: _Path) -> dict[str, Any]:
         return {
             "type": tag,
             "id": _uuid_out(event.id, path, "id"),
-            "name": _text_out(event.name, path, "name"),
+            "name": _text(event.name, path, "name"),
             "period_type": _period_type_out(event.period_type, path, "period_type"),
             "period_value": period_value,
             "config": _u_config(event.config, _at(path, "config")),
@@ -798,7 +790,7 @@ def _u_stored(stored: Any, path: _Path) -> dict[str, Any]:
 def _u_str_tuple(value: Any, path: _Path) -> list[str]:
     if not isinstance(value, tuple):
         _fail(path, f"expected a tuple of str, got {_describe(value)}")
-    return [_text_out(item, path, index) for index, item in enumerate(value)]
+    return [_text(item, path, index) for index, item in enumerate(value)]
 
 
 # --- fast paths for the SQL columns ---------------------------------------

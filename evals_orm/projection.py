@@ -41,7 +41,7 @@ from evals_orm.events import (
     uuid7_time,
 )
 from evals_orm.models import CheckpointRow, StudyRow
-from evals_orm.storage import checkpoint_from_row
+from evals_orm.storage import CHECKPOINT_COLUMNS, checkpoint_from_row
 
 if TYPE_CHECKING:
     from evals_orm.eventlog import SqlEventLog
@@ -93,14 +93,6 @@ class _StudyState:
 
 _STATE_COLUMNS = tuple(getattr(StudyRow, field.name) for field in attrs.fields(_StudyState))
 _UPDATED_COLUMNS = tuple(field.name for field in attrs.fields(_StudyState) if field.name != "id")
-_CHECKPOINT_COLUMNS = (
-    CheckpointRow.id,
-    CheckpointRow.study_id,
-    CheckpointRow.timestamp,
-    CheckpointRow.metrics,
-    CheckpointRow.events_analyzed,
-    CheckpointRow.sessions_included,
-)
 
 # (status, event type) -> new status; every pair not listed leaves the row as it is.
 _TRANSITIONS: dict[tuple[StudyStatus, type[object]], StudyStatus] = {
@@ -199,7 +191,7 @@ def apply_batch(connection: sa.Connection, events: list[StoredEvalEvent]) -> int
         checkpoints = {
             row[0]: checkpoint_from_row(row)
             for row in connection.execute(
-                sa.select(*_CHECKPOINT_COLUMNS).where(CheckpointRow.id.in_(checkpoint_ids))
+                sa.select(*CHECKPOINT_COLUMNS).where(CheckpointRow.id.in_(checkpoint_ids))
             )
         }
     batch = _Batch(studies=studies, checkpoints=checkpoints)

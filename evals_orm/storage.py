@@ -60,7 +60,7 @@ _STUDY_COLUMNS = (
     StudyRow.started_at,
     StudyRow.stopped_at,
 )
-_CHECKPOINT_COLUMNS = (
+CHECKPOINT_COLUMNS = (
     CheckpointRow.id,
     CheckpointRow.study_id,
     CheckpointRow.timestamp,
@@ -78,7 +78,7 @@ def study_from_row(row: Sequence[object]) -> Study:
 
 
 def checkpoint_from_row(row: Sequence[object]) -> Checkpoint:
-    """Build a ``Checkpoint`` from a row of ``_CHECKPOINT_COLUMNS``."""
+    """Build a ``Checkpoint`` from a row of ``CHECKPOINT_COLUMNS``."""
     return Checkpoint(*row)  # type: ignore[arg-type]
 
 
@@ -139,7 +139,7 @@ class SqlEvalStorage:
 
     @staticmethod
     def _of_study(study_id: StudyId) -> _Select:
-        return sa.select(*_CHECKPOINT_COLUMNS).where(CheckpointRow.study_id == study_id)
+        return sa.select(*CHECKPOINT_COLUMNS).where(CheckpointRow.study_id == study_id)
 
     def _studies(self, statement: _Select) -> list[Study]:
         with _db.read(self.bind) as connection:
