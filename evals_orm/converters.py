@@ -469,6 +469,10 @@ def _s_period(value: Any, path: _Path) -> TimePeriod:
 
 
 def _s_metrics(value: Any, path: _Path) -> LongitudinalMetrics:
+    # Valid metrics (a plain dict: no repeated keys) take the straight path.
+    fast = _fast_metrics(value)
+    if fast is not None:
+        return fast
     o = _object(value, path, _METRICS_FIELDS)
     p = path
     return LongitudinalMetrics(
@@ -872,6 +876,25 @@ def _fast_metrics_json(m: LongitudinalMetrics) -> str | None:
     )
 
 
+def _fast_checkpoint_event_json(event: CheckpointRecorded) -> str | None:
+    metrics = _fast_metrics_json(event.metrics)
+    sessions = _fast_str_tuple_json(event.sessions_included)
+    if (
+        metrics is None
+        or sessions is None
+        or type(event.id) is not UUID
+        or type(event.study_id) is not UUID
+        or type(event.timestamp) is not datetime
+        or not _plain_u64(event.events_analyzed)
+    ):
+        return None
+    return (
+        f'{{"type":"checkpoint_recorded","id":"{event.id}","study_id":"{event.study_id}",'
+        f'"timestamp":"{_datetime_out(event.timestamp, "", "timestamp")}","metrics":{metrics},'
+        f'"events_analyzed":{event.events_analyzed},"sessions_included":{sessions}}}'
+    )
+
+
 def _fast_str_tuple_json(value: Any) -> str | None:
     if type(value) is not tuple or _C_ENCODE is None:
         return None
@@ -900,18 +923,7 @@ _METRICS_F64 = (
 )
 
 
-def _canonical_shape(value: Any) -> bool:
-    # What ``dumps`` writes: 0, 3 or 6 fraction digits and "Z".
-    return (
-        type(value) is str
-        and len(value) in (20, 24, 27)
-        and value[-1] == "Z"
-        and value[10] == "T"
-        and value[4] == "-"
-    )
-
-
-def _fast_metrics(o: Any) -> LongitudinalMetrics | None:
+def _fast_metrics(o: Any) -> LongitudinalMetrics | None:  # noqa: PLR0911 - one exit per check
     if type(o) is not dict:
         return None
     try:
@@ -931,9 +943,15 @@ def _fast_metrics(o: Any) -> LongitudinalMetrics | None:
         and type(nanos) is int
         and 0 <= nanos < _NANOS_PER_SECOND
         and -(2**37) < seconds < 2**37  # well inside timedelta's range
-        and _canonical_shape(start)
-        and _canonical_shape(end)
+        and type(start) is str
+        and type(end) is str
+        and _RFC3339_CANONICAL.fullmatch(start)
+        and _RFC3339_CANONICAL.fullmatch(end)
     ):
+        return None
+    try:
+        period = TimePeriod(_canonical_datetime(start), _canonical_datetime(end))
+    except ValueError:  # a canonical shape with an impossible date
         return None
     return LongitudinalMetrics(
         o["sessions_completed"],
@@ -952,7 +970,7 @@ def _fast_metrics(o: Any) -> LongitudinalMetrics | None:
         o["total_tokens"],
         o["total_cost"],
         o["cost_per_successful_task"],
-        TimePeriod(_canonical_datetime(start), _canonical_datetime(end)),
+        period,
     )
 
 
@@ -1094,6 +1112,10 @@ def dumps(obj: Any, cls: Any = None) -> str:
             return fast
     elif kind is tuple:
         fast = _fast_str_tuple_json(obj)
+        if fast is not None:
+            return fast
+    elif kind is CheckpointRecorded:
+        fast = _fast_checkpoint_event_json(obj)
         if fast is not None:
             return fast
     data = converter.unstructure(obj, unstructure_as=cls)

@@ -211,11 +211,12 @@ def test_value_types_round_trip(
     assert names == loads(dumps(names), tuple[str, ...])
 
 
-@given(metrics, st.lists(texts).map(tuple))
-def test_column_fast_paths_agree_with_the_general_path(
-    metric: LongitudinalMetrics, names: tuple[str, ...]
+@given(metrics, st.lists(texts).map(tuple), events)
+def test_fast_paths_agree_with_the_general_path(
+    metric: LongitudinalMetrics, names: tuple[str, ...], event: Any
 ) -> None:
-    """The fast paths for stored columns write and read exactly what the general path does."""
+    """The fast paths (metrics, session lists, events) write and read what the general path does."""
+    assert converters._encode(unstructure(event)) == dumps(event)
     for value, cls in ((metric, LongitudinalMetrics), (names, tuple[str, ...])):
         text = dumps(value)
         assert converters._encode(unstructure(value)) == text
