@@ -16,6 +16,7 @@ from evals_orm.errors import ConfigurationError
 __all__ = ["create_engine"]
 
 BUSY_TIMEOUT_MS = 30_000
+CACHE_KIB = 64 * 1024
 REMOTE_POOL_RECYCLE_S = 5
 _SUPPORTED = (
     "sqlite:///PATH, sqlite://, sqlite+libsql:///PATH, sqlite+libsql://, "
@@ -89,6 +90,10 @@ def _sqlite_pragmas_for(*, in_memory: bool) -> Any:
                 cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
                 cursor.execute("PRAGMA journal_mode=WAL")
                 cursor.fetchall()
+                # The checkpoints' primary key is a random UUID: its inserts
+                # land all over the index, so a long rebuild slows down once
+                # the index outgrows SQLite's default 2 MiB page cache.
+                cursor.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         finally:
             cursor.close()
 

@@ -205,7 +205,20 @@ def apply_batch(connection: sa.Connection, events: list[StoredEvalEvent]) -> int
         update=_UPDATED_COLUMNS,
     )
     _db.insert_rows(
-        connection, CheckpointRow, [attrs.asdict(c, recurse=False) for c in batch.new_checkpoints]
+        connection,
+        CheckpointRow,
+        [
+            # Spelled out: attrs.asdict looks the fields up again for every row.
+            {
+                "id": c.id,
+                "study_id": c.study_id,
+                "timestamp": c.timestamp,
+                "metrics": c.metrics,
+                "events_analyzed": c.events_analyzed,
+                "sessions_included": c.sessions_included,
+            }
+            for c in batch.new_checkpoints
+        ],
     )
     return batch.applied
 
