@@ -263,23 +263,11 @@ def _str_field(obj: Mapping[str, Any], key: str, path: _Path) -> str:
 
 
 def _u64_field(obj: Mapping[str, Any], key: str, path: _Path) -> int:
-    value = _field(obj, key, path)
-    if type(value) is int and 0 <= value <= _U64_MAX:
-        return value
-    _fail_at(path, key, f"must be an integer in 0..{_U64_MAX}, got {_describe(value)}")
+    return _u64_out(_field(obj, key, path), path, key)
 
 
 def _f64_field(obj: Mapping[str, Any], key: str, path: _Path) -> float:
-    value = _field(obj, key, path)
-    kind = type(value)
-    if kind is float and _isfinite(value):
-        return value  # type: ignore[no-any-return]
-    if kind is int:
-        try:
-            return float(value)
-        except OverflowError:
-            pass
-    _fail_at(path, key, f"must be a finite number, got {_describe(value)}")
+    return _f64_out(_field(obj, key, path), path, key)
 
 
 _UUID_HYPHENATED = re.compile(
