@@ -23,6 +23,7 @@ from evals_orm.models import TrackingRow
 __all__ = [
     "Bind",
     "batch_size",
+    "bulk_insert_skips_conflicts",
     "engine_of",
     "insert_for",
     "insert_rows",
@@ -179,19 +180,22 @@ _SQLITE_MAX_PARAMETERS = 32_766
 
 def _execute_rows(
     connection: sa.Connection, statement: Any, rows: Sequence[Mapping[str, Any]]
-) -> None:
-    """Execute ``statement`` for every row: executemany, or multi-row VALUES on remote libSQL.
+) -> int:
+    """Execute ``statement`` for every row; return the rows it changed.
 
-    Remote libSQL sends one request per row of an executemany, so rows go
-    there as few multi-row statements instead (in order, so generated keys
-    follow the rows' order as with executemany).
+    This is executemany, except on remote libSQL, which sends one request
+    per row of an executemany: rows go there as few multi-row statements
+    (in order, so generated keys follow the rows' order as with executemany).
     """
     if not _is_remote_libsql(connection.dialect, connection):
-        connection.execute(statement, list(rows))
-        return
+        return connection.execute(statement, list(rows)).rowcount
+    changed = 0
     per_statement = max(1, _SQLITE_MAX_PARAMETERS // max(1, len(rows[0])))
     for start in range(0, len(rows), per_statement):
-        connection.execute(statement.values(list(rows[start : start + per_statement])))
+        changed += connection.execute(
+            statement.values(list(rows[start : start + per_statement]))
+        ).rowcount
+    return changed
 
 
 def upsert(
@@ -222,22 +226,72 @@ def batch_size(engine: sa.Engine) -> int:
     """
     if engine.dialect.driver == "libsql" and engine.url.host:
         return 500
-    return 5000
+    return 20000
 
 
-def insert_rows(connection: sa.Connection, entity: Any, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert ``rows`` (all with the same keys) in bulk: ``COPY`` on PostgreSQL, else executemany.
+def bulk_insert_skips_conflicts(connection: sa.Connection) -> bool:
+    """Tell whether ``insert_rows(..., skip_conflicts=True)`` works on this connection."""
+    dialect = connection.dialect
+    return not (dialect.name == "postgresql" and dialect.driver == "psycopg")
 
-    Values go through the columns' own types either way, so the rows are
-    exactly what an ``INSERT`` of them would store, in the order given.
+
+def insert_rows(
+    connection: sa.Connection,
+    entity: Any,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    skip_conflicts: bool = False,
+) -> int:
+    """Insert ``rows`` (all with the same keys) in bulk, in the order given; return how many.
+
+    PostgreSQL (psycopg) takes them by ``COPY``, remote libSQL by multi-row
+    ``INSERT`` statements, SQLite and embedded libSQL by one executemany of
+    ready-made parameter tuples. Values go through the columns' own types
+    every time, so the rows are exactly what an ``INSERT`` of them stores.
+    With ``skip_conflicts`` (where ``bulk_insert_skips_conflicts``), rows
+    whose key exists are left out.
     """
     if not rows:
-        return
+        return 0
     dialect = connection.dialect
+    table: sa.Table = entity.__table__
     if dialect.name == "postgresql" and dialect.driver == "psycopg":
-        _copy_rows(connection, entity.__table__, rows)
-    else:
-        _execute_rows(connection, sa.insert(entity), rows)
+        if skip_conflicts:
+            raise DatabaseError("COPY cannot skip conflicting rows")
+        _copy_rows(connection, table, rows)
+        return len(rows)
+    statement = insert_for(dialect)(table)
+    if skip_conflicts:
+        statement = statement.on_conflict_do_nothing()
+    if _is_remote_libsql(dialect, connection):
+        return _execute_rows(connection, statement, rows)
+    names = list(rows[0])
+    compiled = statement.compile(dialect=dialect, column_keys=names)
+    order = compiled.positiontup
+    if order is None:  # a named paramstyle: executemany through SQLAlchemy
+        return _execute_rows(connection, statement, rows)
+    columns = _processors(dialect, table, order)
+    # Parameters are processed here once, as SQLAlchemy would, and the driver
+    # gets plain tuples: SQLAlchemy's per-row bookkeeping is the largest cost
+    # left of a bulk insert on SQLite.
+    result = connection.exec_driver_sql(
+        compiled.string,
+        [
+            tuple(
+                [row[name] if process is None else process(row[name]) for name, process in columns]
+            )
+            for row in rows
+        ],
+    )
+    return result.rowcount
+
+
+def _processors(
+    dialect: sa.Dialect, table: sa.Table, names: Sequence[str]
+) -> list[tuple[str, Any]]:
+    return [
+        (name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in names
+    ]
 
 
 def _copy_rows(
@@ -245,9 +299,7 @@ def _copy_rows(
 ) -> None:
     dialect = connection.dialect
     names = list(rows[0])
-    columns = [
-        (name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in names
-    ]
+    columns = _processors(dialect, table, names)
     quote = dialect.identifier_preparer.quote
     statement = (
         f"COPY {dialect.identifier_preparer.format_table(table)} "

@@ -112,7 +112,8 @@ class _Batch:
     studies: dict[UUID, _StudyState]
     changed: set[UUID] = attrs.field(factory=set)
     checkpoints: dict[UUID, Checkpoint] = attrs.field(factory=dict)
-    new_checkpoints: list[Checkpoint] = attrs.field(factory=list)
+    # (event_id, checkpoint) of the checkpoints this batch records, in order.
+    new_checkpoints: list[tuple[UUID, Checkpoint]] = attrs.field(factory=list)
     applied: int = 0
 
 
@@ -146,7 +147,7 @@ def _fold(batch: _Batch, stored: StoredEvalEvent) -> None:
         existing = batch.checkpoints.get(checkpoint.id)
         if existing is None:
             batch.checkpoints[checkpoint.id] = checkpoint
-            batch.new_checkpoints.append(checkpoint)
+            batch.new_checkpoints.append((event_id, checkpoint))
         elif existing != checkpoint:
             raise ProjectionError(
                 event_id, f"checkpoint {checkpoint.id} is already recorded with another payload"
@@ -183,20 +184,25 @@ def apply_batch(connection: sa.Connection, events: list[StoredEvalEvent]) -> int
         row[0]: _StudyState(*row)
         for row in connection.execute(sa.select(*_STATE_COLUMNS).where(StudyRow.id.in_(study_ids)))
     }
-    checkpoint_ids = {
-        stored.event.id for stored in events if isinstance(stored.event, CheckpointRecorded)
-    }
-    checkpoints: dict[UUID, Checkpoint] = {}
-    if checkpoint_ids:
-        checkpoints = {
-            row[0]: checkpoint_from_row(row)
-            for row in connection.execute(
-                sa.select(*CHECKPOINT_COLUMNS).where(CheckpointRow.id.in_(checkpoint_ids))
-            )
-        }
-    batch = _Batch(studies=studies, checkpoints=checkpoints)
-    for stored in events:
-        _fold(batch, stored)
+    batch = _Batch(studies=studies)
+    # Where a bulk insert can skip existing keys and count what it inserted,
+    # stored checkpoints are looked up only if one of the batch's ids is
+    # taken; elsewhere (PostgreSQL's COPY) they are loaded before the fold.
+    skips = _db.bulk_insert_skips_conflicts(connection)
+    if not skips:
+        batch.checkpoints = _stored_checkpoints(
+            connection,
+            {stored.event.id for stored in events if isinstance(stored.event, CheckpointRecorded)},
+        )
+    try:
+        for stored in events:
+            _fold(batch, stored)
+    except ProjectionError:
+        if skips:
+            # A stored checkpoint conflicting with an earlier event of the
+            # batch is the first error of the stream.
+            _check_stored_checkpoints(connection, batch.new_checkpoints)
+        raise
     _db.upsert(
         connection,
         StudyRow,
@@ -204,23 +210,42 @@ def apply_batch(connection: sa.Connection, events: list[StoredEvalEvent]) -> int
         key=("id",),
         update=_UPDATED_COLUMNS,
     )
-    _db.insert_rows(
-        connection,
-        CheckpointRow,
-        [
-            # Spelled out: attrs.asdict looks the fields up again for every row.
-            {
-                "id": c.id,
-                "study_id": c.study_id,
-                "timestamp": c.timestamp,
-                "metrics": c.metrics,
-                "events_analyzed": c.events_analyzed,
-                "sessions_included": c.sessions_included,
-            }
-            for c in batch.new_checkpoints
-        ],
-    )
+    rows = [
+        # Spelled out: attrs.asdict looks the fields up again for every row.
+        {
+            "id": c.id,
+            "study_id": c.study_id,
+            "timestamp": c.timestamp,
+            "metrics": c.metrics,
+            "events_analyzed": c.events_analyzed,
+            "sessions_included": c.sessions_included,
+        }
+        for _, c in batch.new_checkpoints
+    ]
+    inserted = _db.insert_rows(connection, CheckpointRow, rows, skip_conflicts=skips)
+    if inserted < len(rows):
+        _check_stored_checkpoints(connection, batch.new_checkpoints)
     return batch.applied
+
+
+def _stored_checkpoints(connection: sa.Connection, ids: set[UUID]) -> dict[UUID, Checkpoint]:
+    if not ids:
+        return {}
+    statement = sa.select(*CHECKPOINT_COLUMNS).where(CheckpointRow.id.in_(ids))
+    return {row[0]: checkpoint_from_row(row) for row in connection.execute(statement)}
+
+
+def _check_stored_checkpoints(
+    connection: sa.Connection, recorded: list[tuple[UUID, Checkpoint]]
+) -> None:
+    """Raise for the first recorded checkpoint whose id is stored with another payload."""
+    stored = _stored_checkpoints(connection, {checkpoint.id for _, checkpoint in recorded})
+    for event_id, checkpoint in recorded:
+        found = stored.get(checkpoint.id)
+        if found is not None and found != checkpoint:
+            raise ProjectionError(
+                event_id, f"checkpoint {checkpoint.id} is already recorded with another payload"
+            )
 
 
 def clear_rows(connection: sa.Connection) -> None:

@@ -486,6 +486,18 @@ def test_invalid_event_raises_and_rolls_back_its_batch(migrated: sa.Engine, case
     assert len(same_batch) == projection.apply_many(same_batch)
 
 
+def test_the_first_invalid_event_of_a_batch_is_reported(migrated: sa.Engine) -> None:
+    """A stored checkpoint conflicting early in a batch is reported before a later invalid event."""
+    projection = SqlEvalProjection(migrated)
+    projection.apply_many([at(1, created()), at(2, checkpoint(1))])
+    before = snapshot(migrated)
+    conflict = at(3, checkpoint(1, tokens=8))
+    with pytest.raises(ProjectionError) as raised:
+        projection.apply_many([conflict, at(4, StudyStarted(S2))])
+    assert conflict.event_id == raised.value.event_id
+    assert before == snapshot(migrated)
+
+
 def test_invalid_event_keeps_the_batches_committed_before_it(migrated: sa.Engine) -> None:
     """apply_many commits the batches before the invalid event's batch, and not that batch."""
     events = lifecycle()
