@@ -226,7 +226,7 @@ def batch_size(engine: sa.Engine) -> int:
     """
     if engine.dialect.driver == "libsql" and engine.url.host:
         return 500
-    return 20000
+    return 10_000
 
 
 def bulk_insert_skips_conflicts(connection: sa.Connection) -> bool:
