@@ -406,27 +406,21 @@ def _str_map_value(value: Any, path: _Path, key: _Key) -> dict[str, str]:
 
 _CONFIG_FIELDS = frozenset(("description", "tags", "metadata"))
 _PERIOD_FIELDS = frozenset(("start", "end"))
-_METRICS_FIELDS = frozenset(
-    (
-        "sessions_completed",
-        "session_success_rate",
-        "avg_session_duration",
-        "tasks_completed",
-        "first_attempt_success_rate",
-        "avg_iterations_to_success",
-        "agent_efficiency",
-        "tool_success_rate",
-        "self_correction_rate",
-        "swarm_coordination_overhead",
-        "parallelism_efficiency",
-        "learnings_applied",
-        "learning_effectiveness",
-        "total_tokens",
-        "total_cost",
-        "cost_per_successful_task",
-        "period",
-    )
+_METRICS_U64 = ("sessions_completed", "tasks_completed", "learnings_applied", "total_tokens")
+_METRICS_F64 = (
+    "session_success_rate",
+    "first_attempt_success_rate",
+    "avg_iterations_to_success",
+    "agent_efficiency",
+    "tool_success_rate",
+    "self_correction_rate",
+    "swarm_coordination_overhead",
+    "parallelism_efficiency",
+    "learning_effectiveness",
+    "total_cost",
+    "cost_per_successful_task",
 )
+_METRICS_FIELDS = frozenset((*_METRICS_U64, *_METRICS_F64, "avg_session_duration", "period"))
 _CHECKPOINT_FIELDS = frozenset(
     ("type", "id", "study_id", "timestamp", "metrics", "events_analyzed", "sessions_included")
 )
@@ -895,20 +889,6 @@ def _fast_str_tuple_json(value: Any) -> str | None:
 # Stored JSON was written by ``dumps`` (or the original service), so reading
 # it back needs neither the duplicate-key check nor Python-level number hooks.
 _TRUSTED_DECODER = json.JSONDecoder(parse_constant=_parse_constant)
-_METRICS_U64 = ("sessions_completed", "tasks_completed", "learnings_applied", "total_tokens")
-_METRICS_F64 = (
-    "session_success_rate",
-    "first_attempt_success_rate",
-    "avg_iterations_to_success",
-    "agent_efficiency",
-    "tool_success_rate",
-    "self_correction_rate",
-    "swarm_coordination_overhead",
-    "parallelism_efficiency",
-    "learning_effectiveness",
-    "total_cost",
-    "cost_per_successful_task",
-)
 
 
 def _fast_metrics(o: Any) -> LongitudinalMetrics | None:  # noqa: PLR0911 - one exit per check

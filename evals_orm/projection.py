@@ -3,12 +3,13 @@
 Each batch of events runs in one transaction that
 
 1. takes the projection's write lock (a row of ``eval_tracking``),
-2. loads the current state of the batch's studies and checkpoints
-   (two queries, whatever the batch size),
+2. loads the current state of the batch's studies in one query (and, on
+   PostgreSQL, its checkpoint ids already stored, in another),
 3. folds the events over that state in memory - the pure state machine of
    ``_fold`` - and
-4. writes the final rows back with one upsert of ``studies`` and one
-   insert of ``checkpoints``.
+4. writes the final rows back with one upsert of ``studies`` and one bulk
+   insert of ``checkpoints``; where that insert skips stored ids, the
+   skipped ones are read back and must carry the same payload.
 
 ``studies.last_event_id`` records the newest event applied to each study in
 the same row as the state it produced, so an event at or below it is a
