@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -88,8 +90,7 @@ def _sqlite_pragmas_for(*, in_memory: bool) -> Any:
             cursor.execute("PRAGMA foreign_keys=ON")
             if not in_memory:
                 cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.fetchall()
+                _switch_to_wal(cursor)
                 # The checkpoints' primary key is a random UUID: its inserts
                 # land all over the index, so a long rebuild slows down once
                 # the index outgrows SQLite's default 2 MiB page cache.
@@ -98,6 +99,31 @@ def _sqlite_pragmas_for(*, in_memory: bool) -> Any:
             cursor.close()
 
     return set_pragmas
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """Put the database file in WAL mode, waiting for other writers.
+
+    The switch takes an exclusive lock without SQLite's busy handler: while
+    another connection holds the write lock (another process migrating a
+    fresh file, say) it fails at once with "database is locked", whatever the
+    busy timeout. So it is retried here for as long as that timeout allows.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    pause = 0.001
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.fetchall()
+            return
+        # libSQL raises a bare ValueError where sqlite3 raises OperationalError.
+        except (sqlite3.OperationalError, ValueError) as error:
+            if "database is locked" not in str(error) or time.monotonic() + pause > deadline:
+                if isinstance(error, sqlite3.OperationalError):
+                    raise
+                raise sa.exc.OperationalError("PRAGMA journal_mode=WAL", None, error) from None
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
 
 
 def _libsql_remote_engine(

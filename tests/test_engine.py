@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -126,6 +129,51 @@ def test_file_databases_get_foreign_keys_wal_and_busy_timeout(database: Database
     if database.backend != "libsql-remote":
         expected.append(BUSY_TIMEOUT_MS)
     assert expected == actual
+
+
+_HOLD_WRITE_LOCK = """
+import sys, time
+driver, path, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+module = __import__(driver)
+connection = module.connect(path, isolation_level=None)
+connection.execute("CREATE TABLE held (value INTEGER)")
+connection.execute("BEGIN IMMEDIATE")
+connection.execute("INSERT INTO held VALUES (1)")
+print("held", flush=True)
+time.sleep(seconds)
+connection.execute("COMMIT")
+"""
+
+
+@pytest.mark.parametrize(
+    ("scheme", "driver"), [("sqlite", "sqlite3"), ("sqlite+libsql", "libsql_experimental")]
+)
+def test_connecting_waits_for_another_process_holding_the_write_lock(
+    scheme: str, driver: str, tmp_path: Path
+) -> None:
+    """Switching a fresh file to WAL waits for a writer in another process instead of failing.
+
+    SQLite takes the lock for that switch without its busy handler, so four
+    processes migrating one new file at once used to fail one of them.
+    """
+    path = tmp_path / "fresh.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_WRITE_LOCK, driver, str(path), "0.5"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    assert "held" == holder.stdout.readline().strip()
+    started = time.monotonic()
+    engine = create_engine(f"{scheme}:///{path}")
+    with engine.connect() as connection:
+        waited = time.monotonic() - started
+        mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
+        rows = connection.exec_driver_sql("SELECT value FROM held").all()
+    engine.dispose()
+    assert 0 == holder.wait(timeout=30)
+    assert ("wal", [(1,)]) == (mode, rows)
+    assert waited > 0.1, "the holder had the lock: connecting cannot have succeeded at once"
 
 
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite+libsql://"])
