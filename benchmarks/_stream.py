@@ -36,24 +36,17 @@ from evals_orm import (
     StudyStarted,
     StudyStopped,
     TimePeriod,
+    uuid7_at,
 )
 
-__all__ = ["CLOCK_START", "TICK", "Shape", "events", "uuid_v4", "uuid_v7"]
+__all__ = ["CLOCK_START", "TICK", "Shape", "events", "uuid_v4"]
 
 CLOCK_START = datetime(2024, 1, 1, tzinfo=timezone.utc)
 TICK = timedelta(hours=1)
-_CLOCK_START_MS = int(CLOCK_START.timestamp() * 1000)
-_TICK_MS = 3_600_000
+_MILLISECOND = timedelta(milliseconds=1)
 _START_SPREAD_TICKS = 48
 _PERIODS = (PeriodType.HOURLY, PeriodType.DAILY, PeriodType.WEEKLY, PeriodType.MONTHLY)
 _TAGS = ("eval", "nightly", "regression", "swarm", "baseline", "canary")
-
-
-def uuid_v7(ms: int, rand: int) -> UUID:
-    """Return the UUIDv7 of Unix millisecond ``ms`` with 74 random bits ``rand``."""
-    rand_a = (rand >> 62) & 0xFFF
-    rand_b = rand & ((1 << 62) - 1)
-    return UUID(int=(ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b)
 
 
 def uuid_v4(rand: int) -> UUID:
@@ -138,14 +131,14 @@ class _Clock:
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
-        self.ms = _CLOCK_START_MS
+        self.now = CLOCK_START
 
     def at_tick(self, tick: int) -> None:
-        self.ms = max(self.ms, _CLOCK_START_MS + tick * _TICK_MS)
+        self.now = max(self.now, CLOCK_START + tick * TICK)
 
     def stamp(self, event: EvalEvent) -> StoredEvalEvent:
-        self.ms += 1
-        return StoredEvalEvent(uuid_v7(self.ms, self.rng.getrandbits(74)), event)
+        self.now += _MILLISECOND
+        return StoredEvalEvent(uuid7_at(self.now, self.rng.getrandbits(74)), event)
 
 
 def events(shape: Shape) -> Iterator[StoredEvalEvent]:
@@ -253,7 +246,7 @@ def _checkpoint(study: _Study, instant: datetime, clock: _Clock) -> CheckpointRe
     )
     first_session = study.sessions - sessions
     return CheckpointRecorded(
-        CheckpointId(uuid_v7(clock.ms, study.rng.getrandbits(74))),
+        CheckpointId(uuid7_at(clock.now, study.rng.getrandbits(74))),
         study.id,
         instant,
         metrics,

@@ -12,6 +12,7 @@ from evals_orm.domain import (
     StudyStatus,
     TimePeriod,
     uuid7,
+    uuid7_at,
 )
 from evals_orm.engine import create_engine
 from evals_orm.errors import (
@@ -76,4 +77,5 @@ __all__ = [
     "metadata",
     "read_jsonl",
     "uuid7",
+    "uuid7_at",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from uuid import UUID
 
 from evals_orm.domain import (
     CheckpointId,
@@ -18,6 +17,7 @@ from evals_orm.domain import (
     StudyConfig,
     StudyId,
     TimePeriod,
+    uuid7_at,
 )
 from evals_orm.events import (
     CheckpointRecorded,
@@ -45,19 +45,6 @@ _PERIOD_LENGTH = {
 }
 
 
-def _uuid7_at(moment: datetime, rng: random.Random) -> UUID:
-    """Return a UUIDv7 carrying ``moment``, its random bits drawn from ``rng``."""
-    millis = int(moment.timestamp() * 1000)
-    value = (
-        (millis << 80)
-        | (0x7 << 76)
-        | (rng.getrandbits(12) << 64)
-        | (0b10 << 62)
-        | rng.getrandbits(62)
-    )
-    return UUID(int=value)
-
-
 class _Study:
     """Writes the events of one study, each stamped at a given instant."""
 
@@ -72,13 +59,13 @@ class _Study:
         config: StudyConfig,
     ) -> None:
         self.rng = rng
-        self.id = StudyId(_uuid7_at(created, rng))
+        self.id = StudyId(uuid7_at(created, rng.getrandbits(74)))
         self.period = _PERIOD_LENGTH[period_type] * period_value
         self.events: list[StoredEvalEvent] = []
         self._emit(created, StudyCreated(self.id, name, period_type, period_value, config))
 
     def _emit(self, moment: datetime, event: EvalEvent) -> None:
-        self.events.append(StoredEvalEvent(_uuid7_at(moment, self.rng), event))
+        self.events.append(StoredEvalEvent(uuid7_at(moment, self.rng.getrandbits(74)), event))
 
     def start(self, moment: datetime) -> None:
         self._emit(moment, StudyStarted(self.id))
@@ -140,7 +127,7 @@ class _Study:
             self._emit(
                 end + timedelta(minutes=5),
                 CheckpointRecorded(
-                    CheckpointId(_uuid7_at(end, rng)),
+                    CheckpointId(uuid7_at(end, rng.getrandbits(74))),
                     self.id,
                     end,
                     metrics,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import secrets
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any, NewType
@@ -23,17 +24,37 @@ __all__ = [
     "TimePeriod",
     "ensure_utc",
     "uuid7",
+    "uuid7_at",
 ]
 
 StudyId = NewType("StudyId", UUID)
 CheckpointId = NewType("CheckpointId", UUID)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MILLISECOND = timedelta(milliseconds=1)
 
 
 def uuid7() -> UUID:
     """Return a new time-ordered UUID (version 7) as a stdlib ``uuid.UUID``."""
     return uuid_utils.compat.uuid7()
+
+
+def uuid7_at(moment: datetime, random_bits: int | None = None) -> UUID:
+    """Return a UUIDv7 carrying ``moment`` (to the millisecond).
+
+    For stamping history recorded elsewhere, and for reproducible streams:
+    ``random_bits`` (74 bits) fills the rest of the id, in that order, so ids
+    of one millisecond sort by it; it is drawn at random when omitted.
+    """
+    unix_ms = (ensure_utc(moment, "moment") - EPOCH) // _MILLISECOND
+    if unix_ms < 0:
+        raise ValueError(f"moment must not be before 1970, got {moment.isoformat()}")
+    if random_bits is None:
+        random_bits = secrets.randbits(74)
+    elif not 0 <= random_bits < 1 << 74:
+        raise ValueError(f"random_bits must be in [0, 2**74), got {random_bits}")
+    rand_a, rand_b = random_bits >> 62, random_bits & ((1 << 62) - 1)
+    return UUID(int=(unix_ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b)
 
 
 def ensure_utc(value: datetime, name: str) -> datetime:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from uuid import UUID
 
 import attrs
@@ -126,9 +126,20 @@ EvalEvent = (
 )
 
 
+# The last millisecond a datetime holds; a UUIDv7's 48 bits reach the year 10889.
+_LAST_MS = (datetime.max.replace(tzinfo=timezone.utc) - EPOCH) // timedelta(milliseconds=1)
+
+
 def uuid7_time(value: UUID) -> datetime:
-    """Return the UTC instant (millisecond precision) carried by a UUIDv7."""
-    return EPOCH + timedelta(milliseconds=value.int >> 80)
+    """Return the UTC instant (millisecond precision) carried by a UUIDv7.
+
+    Raises ``ValueError`` for a time after the year 9999, which a UUIDv7 can
+    carry but a ``datetime`` cannot.
+    """
+    millis = value.int >> 80
+    if millis > _LAST_MS:
+        raise ValueError(f"UUIDv7 {value} carries a time after the year 9999")
+    return EPOCH + timedelta(milliseconds=millis)
 
 
 def _check_uuid7(_instance: object, _attribute: object, value: UUID) -> None:

@@ -136,7 +136,7 @@ def _fold(batch: _Batch, stored: StoredEvalEvent) -> None:
             period_type=event.period_type,
             period_value=event.period_value,
             config=event.config,
-            created_at=uuid7_time(event_id),
+            created_at=_occurred_at(event_id),
             started_at=None,
             stopped_at=None,
             last_event_id=event_id,
@@ -159,12 +159,19 @@ def _fold(batch: _Batch, stored: StoredEvalEvent) -> None:
         if new_status is not None:
             state.status = new_status
             if new_status is StudyStatus.RUNNING and state.started_at is None:
-                state.started_at = uuid7_time(event_id)
+                state.started_at = _occurred_at(event_id)
             elif new_status is StudyStatus.STOPPED:
-                state.stopped_at = uuid7_time(event_id)
+                state.stopped_at = _occurred_at(event_id)
         state.last_event_id = event_id
     batch.changed.add(study_id)
     batch.applied += 1
+
+
+def _occurred_at(event_id: UUID) -> datetime:
+    try:
+        return uuid7_time(event_id)
+    except ValueError as error:  # a time after the year 9999
+        raise ProjectionError(event_id, str(error)) from None
 
 
 def _batched(events: Iterable[StoredEvalEvent], size: int) -> Iterator[list[StoredEvalEvent]]:

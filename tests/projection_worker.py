@@ -32,17 +32,13 @@ from evals_orm import (
     StudyStarted,
     StudyStopped,
     create_engine,
+    uuid7_at,
 )
 from evals_orm.domain import CheckpointId
 
 T0_MS = 1_700_000_000_000
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 PROGRESS_EVERY = 100
-
-
-def uuid7_at(ms: int, seq: int = 0) -> UUID:
-    """Return the UUIDv7 carrying ``ms`` (milliseconds since the epoch), ordered by ``seq``."""
-    return UUID(int=(ms << 80) | (0x7 << 76) | (0b10 << 62) | seq)
 
 
 def ms_time(ms: int) -> datetime:
@@ -91,7 +87,7 @@ def long_stream(events: int, studies: int = 6, seed: int = 20241126) -> Iterator
                     events_analyzed=rng.randrange(2**64),
                     sessions_included=(f"s{i}",),
                 )
-        yield StoredEvalEvent(uuid7_at(T0_MS + i, i), event)
+        yield StoredEvalEvent(uuid7_at(ms_time(T0_MS + i), i), event)
 
 
 def _reporting(events: Iterable[StoredEvalEvent]) -> Iterator[StoredEvalEvent]:

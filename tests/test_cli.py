@@ -33,6 +33,7 @@ from evals_orm import (
     TimePeriod,
     dumps,
     migrations,
+    uuid7_at,
 )
 
 T0 = datetime(2025, 1, 6, 9, 0, tzinfo=timezone.utc)
@@ -105,12 +106,6 @@ def run(
     return finish(start(*args, database=database, stdin=stdin, cwd=cwd, env=env))
 
 
-def _event_id(moment: datetime, tie: int = 1) -> UUID:
-    """A UUIDv7 carrying ``moment`` (to the millisecond)."""
-    millis = int(moment.timestamp() * 1000)
-    return UUID(int=(millis << 80) | (0x7 << 76) | (0b10 << 62) | tie)
-
-
 def _checkpoint(study: StudyId, number: int, success: float) -> StoredEvalEvent:
     end = T0 + timedelta(days=number)
     metrics = LongitudinalMetrics(
@@ -123,7 +118,7 @@ def _checkpoint(study: StudyId, number: int, success: float) -> StoredEvalEvent:
         period=TimePeriod(end - timedelta(days=1), end),
     )
     return StoredEvalEvent(
-        _event_id(end + timedelta(minutes=1)),
+        uuid7_at(end + timedelta(minutes=1), 1),
         CheckpointRecorded(
             CheckpointId(UUID(int=number)),
             study,
@@ -139,15 +134,15 @@ def _stream() -> list[StoredEvalEvent]:
     """Study A running with three daily checkpoints; study B pending, created later."""
     return [
         StoredEvalEvent(
-            _event_id(T0),
+            uuid7_at(T0, 1),
             StudyCreated(STUDY_A, "alpha", PeriodType.DAILY, 1, StudyConfig("first", ("x",))),
         ),
-        StoredEvalEvent(_event_id(T0 + timedelta(hours=1)), StudyStarted(STUDY_A)),
+        StoredEvalEvent(uuid7_at(T0 + timedelta(hours=1), 1), StudyStarted(STUDY_A)),
         _checkpoint(STUDY_A, 1, 0.5),
         _checkpoint(STUDY_A, 2, 0.625),
         _checkpoint(STUDY_A, 3, 0.75),
         StoredEvalEvent(
-            _event_id(T0 + timedelta(days=5)), StudyCreated(STUDY_B, "beta", PeriodType.WEEKLY)
+            uuid7_at(T0 + timedelta(days=5), 1), StudyCreated(STUDY_B, "beta", PeriodType.WEEKLY)
         ),
     ]
 

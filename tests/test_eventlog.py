@@ -48,9 +48,10 @@ from evals_orm import (
     metadata,
     migrations,
     read_jsonl,
+    uuid7_at,
 )
 
-_BASE_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
+_BASE = datetime(2025, 1, 1, tzinfo=timezone.utc)
 _EPOCH = datetime(2025, 1, 1, tzinfo=timezone.utc)
 _WORKER = Path(__file__).with_name("eventlog_worker.py")
 
@@ -58,8 +59,8 @@ Snapshot = tuple[list[Study], dict[UUID, list[Checkpoint]]]
 
 
 def _event_id(ms: int, seq: int = 0) -> UUID:
-    """Return the UUIDv7 of instant ``_BASE_MS + ms``; ``seq`` orders ids within a millisecond."""
-    return UUID(int=((_BASE_MS + ms) << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | 1)
+    """Return the UUIDv7 of ``_BASE`` + ``ms`` milliseconds; ``seq`` orders ids of one ms."""
+    return uuid7_at(_BASE + timedelta(milliseconds=ms), (seq << 62) | 1)
 
 
 def _study(n: int) -> StudyId:

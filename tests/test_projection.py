@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from conftest import Database
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from projection_worker import T0_MS, checkpoint_id, long_stream, ms_time, study_id, uuid7_at
+from projection_worker import T0_MS, checkpoint_id, long_stream, ms_time, study_id
 from sqlalchemy.orm import sessionmaker
 
 from evals_orm import (
@@ -42,6 +42,7 @@ from evals_orm import (
     StudyStarted,
     StudyStatus,
     StudyStopped,
+    uuid7_at,
 )
 from evals_orm.domain import StudyId
 
@@ -64,7 +65,7 @@ S2 = study_id(2)
 
 def at(ms: int, event: EvalEvent, seq: int = 0) -> StoredEvalEvent:
     """Stamp ``event`` with a UUIDv7 of ``T0_MS + ms`` milliseconds."""
-    return StoredEvalEvent(uuid7_at(T0_MS + ms, seq), event)
+    return StoredEvalEvent(uuid7_at(ms_time(T0_MS + ms), seq), event)
 
 
 def created(sid: StudyId = S1, name: str = "weekly-eval") -> StudyCreated:
@@ -446,6 +447,9 @@ def test_same_checkpoint_twice_in_one_batch(migrated: sa.Engine) -> None:
 
 # --- invalid events -----------------------------------------------------------------------
 
+# A UUIDv7 can carry a time up to the year 10889; a datetime stops at 9999.
+YEAR_10889 = UUID(int=((1 << 48) - 1) << 80 | 0x7 << 76 | 0b10 << 62)
+
 INVALID: dict[str, tuple[list[StoredEvalEvent], StoredEvalEvent, str]] = {
     "started-unknown": ([], at(9, StudyStarted(S1)), "does not exist"),
     "paused-unknown": ([], at(9, StudyPaused(S1)), "does not exist"),
@@ -462,6 +466,16 @@ INVALID: dict[str, tuple[list[StoredEvalEvent], StoredEvalEvent, str]] = {
         [at(3, created()), at(4, created(study_id(4))), at(5, checkpoint(1, study_id(4)))],
         at(9, checkpoint(1, S1)),
         "another payload",
+    ),
+    "created-after-9999": (
+        [],
+        StoredEvalEvent(YEAR_10889, created(study_id(5))),
+        "after the year 9999",
+    ),
+    "started-after-9999": (
+        [at(3, created())],
+        StoredEvalEvent(YEAR_10889, StudyStarted(S1)),
+        "after the year 9999",
     ),
 }
 
