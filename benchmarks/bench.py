@@ -453,17 +453,25 @@ def bench_rebuild(server: Server, sizes: tuple[int, int]) -> list[list[object]]:
                 result["rss_peak_kib"] / 1024,
                 "",
                 "",
+                "",
             ]
         )
     large = results[-1]
     growth = large["events"] / small["events"]
     time_ratio = large["seconds"] / small["seconds"]
+    # The synthetic stream's generation runs in the same process and is timed
+    # apart: the ratio without it is the projection's own scaling.
+    own_ratio = _projection_seconds(large) / _projection_seconds(small)
     memory_ratio = large["rss_peak_kib"] / small["rss_peak_kib"]
-    rows[-1][-2] = (
-        f"{time_ratio:.2f} for {growth:.1f}x {verdict(time_ratio <= MAX_TIME_GROWTH * growth)}"
-    )
+    within = MAX_TIME_GROWTH * growth
+    rows[-1][-3] = f"{time_ratio:.2f} for {growth:.1f}x {verdict(time_ratio <= within)}"
+    rows[-1][-2] = f"{own_ratio:.2f} for {growth:.1f}x {verdict(own_ratio <= within)}"
     rows[-1][-1] = f"{memory_ratio:.2f} {verdict(memory_ratio <= MAX_MEMORY_GROWTH)}"
     return rows
+
+
+def _projection_seconds(result: dict[str, Any]) -> float:
+    return float(result["seconds"] - result["generating"])
 
 
 # --- 3. queries -----------------------------------------------------------------
@@ -727,6 +735,7 @@ def print_results(results: Results, repeat: int) -> None:
                 "RSS at start MiB",
                 "peak RSS MiB",
                 f"time ratio (<={MAX_TIME_GROWTH:g}x growth)",
+                "same, without generating",
                 f"peak memory ratio (<={MAX_MEMORY_GROWTH})",
             ],
             results.rebuild,

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Union
+from uuid import UUID
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
 from evals_orm.errors import DatabaseError, EvalsError
 from evals_orm.models import TrackingRow
@@ -227,6 +228,23 @@ def batch_size(engine: sa.Engine) -> int:
     if engine.dialect.driver == "libsql" and engine.url.host:
         return 500
     return 10_000
+
+
+_UUID_ARRAY = postgresql.ARRAY(postgresql.UUID(as_uuid=True))
+
+
+def one_of(
+    connection: sa.Connection, column: InstrumentedAttribute[Any], values: Collection[UUID]
+) -> sa.ColumnElement[bool]:
+    """Return ``column IN values`` for a UUID column, fit for thousands of values.
+
+    An IN list binds one parameter per value, which PostgreSQL parses and
+    plans slowly by the thousand; there the same test is ``= ANY`` of one
+    array parameter (a batch's checkpoint lookup takes a third of the time).
+    """
+    if connection.dialect.name == "postgresql":
+        return column == sa.any_(sa.bindparam(None, list(values), type_=_UUID_ARRAY))
+    return column.in_(values)
 
 
 def bulk_insert_skips_conflicts(connection: sa.Connection) -> bool:

@@ -108,7 +108,7 @@ class SqlEventLog:
         logged = dict(
             connection.execute(
                 sa.select(EventRow.event_id, EventRow.payload).where(
-                    EventRow.event_id.in_(event_ids)
+                    _db.one_of(connection, EventRow.event_id, event_ids)
                 )
             ).all()
         )
@@ -118,7 +118,7 @@ class SqlEventLog:
             # position holds its newest event (PostgreSQL has no max(uuid)).
             newest = (
                 sa.select(sa.func.max(EventRow.position).label("position"))
-                .where(EventRow.study_id.in_(unknown))
+                .where(_db.one_of(connection, EventRow.study_id, unknown))
                 .group_by(EventRow.study_id)
                 .subquery()
             )

@@ -190,7 +190,9 @@ def apply_batch(connection: sa.Connection, events: list[StoredEvalEvent]) -> int
     study_ids = {stored.event.study_id for stored in events}
     studies = {
         row[0]: _StudyState(*row)
-        for row in connection.execute(sa.select(*_STATE_COLUMNS).where(StudyRow.id.in_(study_ids)))
+        for row in connection.execute(
+            sa.select(*_STATE_COLUMNS).where(_db.one_of(connection, StudyRow.id, study_ids))
+        )
     }
     batch = _Batch(studies=studies)
     # Where a bulk insert can skip existing keys and count what it inserted,
@@ -239,7 +241,7 @@ def apply_batch(connection: sa.Connection, events: list[StoredEvalEvent]) -> int
 def _stored_checkpoints(connection: sa.Connection, ids: set[UUID]) -> dict[UUID, Checkpoint]:
     if not ids:
         return {}
-    statement = sa.select(*CHECKPOINT_COLUMNS).where(CheckpointRow.id.in_(ids))
+    statement = sa.select(*CHECKPOINT_COLUMNS).where(_db.one_of(connection, CheckpointRow.id, ids))
     return {row[0]: checkpoint_from_row(row) for row in connection.execute(statement)}
 
 
