@@ -133,16 +133,19 @@ def test_file_databases_get_foreign_keys_wal_and_busy_timeout(database: Database
 
 _HOLD_WRITE_LOCK = """
 import sys, time
-driver, path, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+from pathlib import Path
+driver, path, release = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 module = __import__(driver)
 connection = module.connect(path, isolation_level=None)
 connection.execute("CREATE TABLE held (value INTEGER)")
 connection.execute("BEGIN IMMEDIATE")
 connection.execute("INSERT INTO held VALUES (1)")
 print("held", flush=True)
-time.sleep(seconds)
+while not release.exists():
+    time.sleep(0.005)
 connection.execute("COMMIT")
 """
+HOLD_SECONDS = 0.3
 
 
 @pytest.mark.parametrize(
@@ -156,24 +159,29 @@ def test_connecting_waits_for_another_process_holding_the_write_lock(
     SQLite takes the lock for that switch without its busy handler, so four
     processes migrating one new file at once used to fail one of them.
     """
-    path = tmp_path / "fresh.db"
+    path, release = tmp_path / "fresh.db", tmp_path / "release"
     holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_WRITE_LOCK, driver, str(path), "0.5"],
+        [sys.executable, "-c", _HOLD_WRITE_LOCK, driver, str(path), str(release)],
         stdout=subprocess.PIPE,
         text=True,
     )
     assert holder.stdout is not None
     assert "held" == holder.stdout.readline().strip()
-    started = time.monotonic()
+    timer = threading.Timer(HOLD_SECONDS, release.touch)
     engine = create_engine(f"{scheme}:///{path}")
-    with engine.connect() as connection:
-        waited = time.monotonic() - started
-        mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
-        rows = connection.exec_driver_sql("SELECT value FROM held").all()
-    engine.dispose()
-    assert 0 == holder.wait(timeout=30)
+    started = time.monotonic()
+    timer.start()
+    try:
+        with engine.connect() as connection:
+            waited = time.monotonic() - started
+            mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
+            rows = connection.exec_driver_sql("SELECT value FROM held").all()
+    finally:
+        timer.join()
+        engine.dispose()
+        assert 0 == holder.wait(timeout=30)
     assert ("wal", [(1,)]) == (mode, rows)
-    assert waited > 0.1, "the holder had the lock: connecting cannot have succeeded at once"
+    assert waited >= HOLD_SECONDS, "connected while the other process held the write lock"
 
 
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite+libsql://"])
