@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import cProfile
 import io
+import itertools
 import json
 import os
 import platform
@@ -140,8 +141,7 @@ class Server:
     def __init__(self, backend: str, workdir: Path) -> None:
         self.backend = backend
         self.workdir = workdir
-        self.stack = contextlib.ExitStack()
-        self.sqld: Any = None
+        self.running_sqld: Any = None
         self.admin: sa.Engine | None = None
 
     def __enter__(self) -> Server:
@@ -157,11 +157,10 @@ class Server:
             sys.path.insert(0, str(REPO / "tests"))
             from sqld import running_sqld  # noqa: PLC0415 - tests/ is on sys.path only now
 
-            self.sqld = self.stack.enter_context(running_sqld(self.workdir / "sqld"))
+            self.running_sqld = running_sqld
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stack.close()
         if self.admin is not None:
             self.admin.dispose()
 
@@ -199,8 +198,8 @@ class Server:
                 with self.admin.connect() as connection:
                     connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         else:
-            self.sqld.reset()
-            yield Target(self.backend, self.sqld.url, self.sqld.auth_token)
+            with self.running_sqld(self.workdir / name) as sqld:
+                yield Target(self.backend, sqld.url, sqld.auth_token)
 
 
 # --- output -------------------------------------------------------------------
@@ -496,47 +495,62 @@ def median_seconds(call: Callable[[], object], calls: int) -> float:
     return statistics.median(samples)
 
 
-def time_queries(storage: SqlEvalStorage, studies: Sequence[StudyId]) -> tuple[float, float]:
-    """Return the median seconds of ``get_checkpoints_in_range`` (a week) and ``get_latest``."""
+def interleaved_medians(calls: Sequence[Callable[[], object]], rounds: int) -> list[float]:
+    """Return each call's median time over ``rounds`` rounds that run every call in turn.
+
+    Interleaving puts the machine's drift (this is a shared 2-core machine)
+    on every call alike, so the ratios between them hold.
+    """
+    for call in calls:
+        call()  # warm-up
+    samples: list[list[float]] = [[] for _ in calls]
+    for _ in range(rounds):
+        for call, seconds in zip(calls, samples, strict=True):
+            start = time.perf_counter()
+            call()
+            seconds.append(time.perf_counter() - start)
+    return [statistics.median(seconds) for seconds in samples]
+
+
+def query_calls(
+    storage: SqlEvalStorage, studies: Sequence[StudyId]
+) -> tuple[Callable[[], object], Callable[[], object]]:
+    """Return calls of ``get_checkpoints_in_range`` (a week) and ``get_latest_checkpoint``."""
     week_start = CLOCK_START + 60 * TICK
     week_end = week_start + timedelta(days=7)
-    turn = iter(range(10**9))
+    turn = itertools.cycle(studies)
 
     def in_range() -> object:
-        found = storage.get_checkpoints_in_range(
-            studies[next(turn) % len(studies)], week_start, week_end
-        )
+        found = storage.get_checkpoints_in_range(next(turn), week_start, week_end)
         if len(found) != 168:
             raise RuntimeError(f"a week holds 168 hourly checkpoints, got {len(found)}")
         return found
 
     def latest() -> object:
-        return storage.get_latest_checkpoint(studies[next(turn) % len(studies)])
+        return storage.get_latest_checkpoint(next(turn))
 
-    return median_seconds(in_range, QUERY_CALLS), median_seconds(latest, QUERY_CALLS)
+    return in_range, latest
 
 
 def bench_queries(server: Server, sizes: tuple[int, int]) -> list[list[object]]:
-    """Time the two per-study queries before and after the table grows tenfold.
+    """Time the two per-study queries on two tables of ``sizes`` checkpoints (10x apart).
 
-    The table grows by adding studies of the same shape, so the queried
-    studies hold the same rows before and after: only the table size changes.
+    Both tables hold the same queried studies (studies of the same shape,
+    the larger table has more of them), so only the table size differs; the
+    calls on the two alternate in this one process.
     """
     per_study = CHECKPOINTS_PER_QUERY_STUDY
     rows: list[list[object]] = []
-    measured: list[tuple[float, float]] = []
-    with server.fresh() as target:
-        engine = target.migrated_engine()
-        storage = SqlEvalStorage(engine)
-        loaded = 0
-        studies: list[StudyId] = []
+    with contextlib.ExitStack() as stack:
+        engines: list[sa.Engine] = []
+        loaded: list[int] = []
         for size in sizes:
-            shape = Shape(
-                max(1, (size - loaded) // per_study), per_study, first_study=loaded // per_study
-            )
+            target = stack.enter_context(server.fresh())
+            engine = target.migrated_engine()
+            stack.callback(engine.dispose)
+            shape = Shape(max(1, size // per_study), per_study)
             started = time.perf_counter()
             load_raw(target, events(shape))
-            loaded += shape.checkpoints
             if target.backend == "postgresql":
                 # What autovacuum does after a bulk load; keeps plans stable run to run.
                 with engine.connect() as connection:
@@ -544,22 +558,26 @@ def bench_queries(server: Server, sizes: tuple[int, int]) -> list[list[object]]:
                         "VACUUM ANALYZE"
                     )
             seconds = time.perf_counter() - started
-            note(f"{server.backend}: loaded {loaded:,} checkpoints (raw, {seconds:.1f} s)")
+            note(
+                f"{server.backend}: loaded {shape.checkpoints:,} checkpoints (raw, {seconds:.1f} s)"
+            )
             # The load went through the raw driver while the engine's pooled
             # connection sat idle; a remote one has expired by now (STREAM_EXPIRED,
-            # see the report of issue #7), so start the timing on fresh connections.
+            # see the report of issue #7), so the timing starts on fresh connections.
             engine.dispose()
-            if not studies:
-                with engine.connect() as connection:
-                    query = sa.select(StudyRow.id).order_by(StudyRow.name).limit(5)
-                    studies = [StudyId(value) for value in connection.scalars(query)]
-            in_range, latest = time_queries(storage, studies)
-            note(f"{server.backend}: in_range {in_range:.4f} s, latest {latest:.4f} s")
-            measured.append((in_range, latest))
-            rows.append([server.backend, loaded, in_range * 1000, latest * 1000, "", ""])
-        engine.dispose()
-    range_ratio = measured[-1][0] / measured[0][0]
-    latest_ratio = measured[-1][1] / measured[0][1]
+            engines.append(engine)
+            loaded.append(shape.checkpoints)
+        with engines[0].connect() as connection:
+            query = sa.select(StudyRow.id).order_by(StudyRow.name).limit(5)
+            studies = [StudyId(value) for value in connection.scalars(query)]
+        calls = [query_calls(SqlEvalStorage(engine), studies) for engine in engines]
+        in_range = interleaved_medians([in_range for in_range, _ in calls], QUERY_CALLS)
+        latest = interleaved_medians([latest for _, latest in calls], QUERY_CALLS)
+    for size, range_seconds, latest_seconds in zip(loaded, in_range, latest, strict=True):
+        note(f"{server.backend}: in_range {range_seconds:.4f} s, latest {latest_seconds:.4f} s")
+        rows.append([server.backend, size, range_seconds * 1000, latest_seconds * 1000, "", ""])
+    range_ratio = in_range[-1] / in_range[0]
+    latest_ratio = latest[-1] / latest[0]
     rows[-1][-2] = f"{range_ratio:.2f} {verdict(range_ratio <= MAX_QUERY_GROWTH)}"
     rows[-1][-1] = f"{latest_ratio:.2f} {verdict(latest_ratio <= MAX_QUERY_GROWTH)}"
     return rows
@@ -742,7 +760,8 @@ def print_results(results: Results, repeat: int) -> None:
         )
     if results.queries:
         print_table(
-            f"per-study queries as the table grows (median of {QUERY_CALLS} calls over 5 studies "
+            f"per-study queries on two tables 10x apart (median of {QUERY_CALLS} interleaved "
+            "calls over 5 studies "
             f"of {CHECKPOINTS_PER_QUERY_STUDY} hourly checkpoints; a week = 168 rows)",
             [
                 "backend",
