@@ -170,8 +170,8 @@ def _fold(batch: _Batch, stored: StoredEvalEvent) -> None:
 def _occurred_at(event_id: UUID) -> datetime:
     try:
         return uuid7_time(event_id)
-    except ValueError as error:  # a time after the year 9999
-        raise ProjectionError(event_id, str(error)) from None
+    except ValueError:
+        raise ProjectionError(event_id, "its time is after the year 9999") from None
 
 
 def _batched(events: Iterable[StoredEvalEvent], size: int) -> Iterator[list[StoredEvalEvent]]:
