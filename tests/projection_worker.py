@@ -14,7 +14,7 @@ import os
 import random
 import sys
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from uuid import UUID
 
 from evals_orm import (
@@ -34,10 +34,9 @@ from evals_orm import (
     create_engine,
     uuid7_at,
 )
-from evals_orm.domain import CheckpointId
+from evals_orm.domain import EPOCH, CheckpointId
 
 T0_MS = 1_700_000_000_000
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 PROGRESS_EVERY = 100
 
 
