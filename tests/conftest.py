@@ -23,7 +23,9 @@ __all__ = ["Database"]
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     # The project's older spelling; it fills the plugin's own option.
-    parser.addoption("--backend", action="append", default=[], dest="evals_backend", help="--evals-backend")
+    parser.addoption(
+        "--backend", action="append", default=[], dest="evals_backend", help="--evals-backend"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
