@@ -161,13 +161,15 @@ def find_sqld(override: str | os.PathLike[str] | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def running_sqld(tmp_dir: Path, binary: Path | None = None) -> Iterator[SqldServer]:
+def running_sqld(
+    tmp_dir: Path, binary: str | os.PathLike[str] | None = None
+) -> Iterator[SqldServer]:
     """Run sqld with JWT auth on a free loopback port; stop it on exit.
 
-    ``binary`` defaults to ``find_sqld()``. Everything the server writes (database,
+    ``binary`` is passed to ``find_sqld``. Everything the server writes (database,
     key, log) goes under ``tmp_dir``.
     """
-    binary = binary or find_sqld()
+    path = find_sqld(binary)
     # Imported here: the pytest plugin loads this module in every test run, and
     # only libsql-remote needs cryptography (the ``testing`` extra).
     try:
@@ -195,7 +197,7 @@ def running_sqld(tmp_dir: Path, binary: Path | None = None) -> Iterator[SqldServ
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
-                str(binary),
+                str(path),
                 "--no-welcome",
                 "--db-path",
                 str(db_path),

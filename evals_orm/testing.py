@@ -55,7 +55,7 @@ import sqlalchemy as sa
 import evals_orm
 from evals_orm import create_engine, migrations
 from evals_orm._backend_names import BACKENDS
-from evals_orm._sqld import SQLD_ENV_VAR, SqldServer, find_sqld, running_sqld
+from evals_orm._sqld import SQLD_ENV_VAR, SqldServer, running_sqld
 
 __all__ = ["BACKENDS", "DEFAULT_POSTGRES_URL", "Database"]
 
@@ -167,9 +167,8 @@ def evals_sqld(
     """Run one sqld for this session (this xdist worker), stopped at its end."""
     config = request.config
     binary = config.getoption("--evals-sqld") or config.getini("evals_sqld") or None
+    context = running_sqld(tmp_path_factory.mktemp("sqld"), binary)
     try:
-        path = find_sqld(binary)
-        context = running_sqld(tmp_path_factory.mktemp("sqld"), path)
         server = context.__enter__()
     except (RuntimeError, OSError) as error:
         _unavailable(config, f"libsql-remote: no libSQL server (sqld): {error}")
@@ -281,9 +280,13 @@ def _strict(config: pytest.Config) -> bool:
 
 
 def _unavailable(config: pytest.Config, reason: str) -> NoReturn:
+    # One line, and ``from None``: the driver's traceback chain would bury the reason.
+    reason = " ".join(reason.split())
     if _strict(config):
-        pytest.fail(f"evals_orm backend unavailable (strict): {reason}", pytrace=False)
-    pytest.skip(f"BACKEND UNAVAILABLE - {reason}")
+        raise pytest.fail.Exception(
+            f"evals_orm backend unavailable (strict): {reason}", pytrace=False
+        ) from None
+    raise pytest.skip.Exception(f"BACKEND UNAVAILABLE - {reason}") from None
 
 
 def _postgresql_database(admin: sa.Engine) -> Iterator[Database]:

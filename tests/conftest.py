@@ -20,6 +20,9 @@ from evals_orm.testing import Database
 
 __all__ = ["Database"]
 
+# tests/test_testing_plugin.py runs host projects through the plugin.
+pytest_plugins = ["pytester"]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     # The project's older spelling; it fills the plugin's own option.
