@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from evals_orm.testing import BACKENDS
 
 ALL = ",".join(BACKENDS)
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 # A host test module: every test records what it saw into RECORD (one JSON line),
 # so the outer test can check databases, servers and workers afterwards.
@@ -233,6 +234,20 @@ def test_failing_test_shows_the_sqld_log(host: pytest.Pytester) -> None:
     result.assert_outcomes(passed=0, failed=2)
     result.stdout.fnmatch_lines(["*- sqld log (*sqld.log) -*", "*sqld*"])
     assert 1 == result.stdout.str().count("sqld log (")
+
+
+def test_readme_example_passes_on_every_backend(host: pytest.Pytester) -> None:
+    """The README's conftest-free host test runs once per backend and passes."""
+    section = README.read_text().split("## Testing your application on every backend")[1]
+    example = section.split("```python\n")[1].split("```")[0]
+    assert example.startswith("# tests/test_studies.py\n")
+    host.makepyfile(test_studies=example)
+
+    result = host.runpytest_subprocess("-v", "test_studies.py", "--evals-backend", ALL)
+
+    result.assert_outcomes(passed=len(BACKENDS))
+    for backend in BACKENDS:
+        result.stdout.fnmatch_lines([f"*test_a_created_study_can_be_read[[]{backend}[]] PASSED*"])
 
 
 def _assert_nothing_left(host: pytest.Pytester, records: list[dict[str, object]]) -> None:
