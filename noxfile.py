@@ -39,7 +39,7 @@ def tests(session: nox.Session, backend: str) -> None:
 @nox.session
 def example(session: nox.Session) -> None:
     """Run the example host project's own tests on every backend, as a host would."""
-    session.install(".[testing]", "pytest-xdist")
+    session.install(".[testing]")
     session.chdir("examples/host_app")
     session.run("pytest", "-n", "2", "--evals-backend", ",".join(BACKENDS), *session.posargs)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+import evals_orm
 from evals_orm.testing import BACKENDS
 
 ALL = ",".join(BACKENDS)
@@ -234,6 +235,30 @@ def test_failing_test_shows_the_sqld_log(host: pytest.Pytester) -> None:
     result.assert_outcomes(passed=0, failed=2)
     result.stdout.fnmatch_lines(["*- sqld log (*sqld.log) -*", "*sqld*"])
     assert 1 == result.stdout.str().count("sqld log (")
+
+
+@pytest.mark.skipif(
+    not hasattr(evals_orm, "create_async_engine"), reason="evals_orm has no async API yet"
+)
+def test_async_engine_is_migrated(host: pytest.Pytester) -> None:
+    """evals_async_engine reaches a migrated database on every backend, from any event loop."""
+    host.makepyfile(
+        test_async="""
+import asyncio
+
+def test_async(evals_async_engine):
+    async def count():
+        async with evals_async_engine.connect() as connection:
+            result = await connection.exec_driver_sql("SELECT count(*) FROM studies")
+            return result.scalar()
+    assert 0 == asyncio.run(count())
+    assert 0 == asyncio.run(count())
+"""
+    )
+
+    result = host.runpytest_subprocess("test_async.py", "--evals-backend", ALL)
+
+    result.assert_outcomes(passed=len(BACKENDS))
 
 
 def test_readme_example_passes_on_every_backend(host: pytest.Pytester) -> None:
