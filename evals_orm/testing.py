@@ -164,9 +164,17 @@ def pytest_runtest_makereport(
 def evals_sqld(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SqldServer]:
-    """Run one sqld for this session (this xdist worker), stopped at its end."""
+    """Run one sqld for this session (this xdist worker), stopped at its end.
+
+    Started by the first test that needs it; ``libsql-remote`` databases empty it.
+    """
     config = request.config
-    binary = config.getoption("--evals-sqld") or config.getini("evals_sqld") or None
+    binary = (
+        config.getoption("--evals-sqld")
+        or os.environ.get(SQLD_ENV_VAR)
+        or config.getini("evals_sqld")
+        or None
+    )
     context = running_sqld(tmp_path_factory.mktemp("sqld"), binary)
     try:
         server = context.__enter__()
