@@ -9,8 +9,8 @@ selected, with any of (first one set wins)::
     [tool.pytest.ini_options] evals_backends = "sqlite,libsql"
 
 Each test that uses a fixture below then runs once per selected backend, the
-backend's name in its id (``test_x[sqlite]``). Without a selection those tests
-run on ``sqlite`` alone.
+backend's name in its id (``test_x[sqlite]``). Without a selection nothing is
+parametrized and those tests run on ``sqlite`` alone.
 
 Fixtures (all function-scoped: every test gets its own database):
 
@@ -63,7 +63,7 @@ DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 BACKENDS_ENV_VAR = "EVALS_ORM_TEST_BACKENDS"
 POSTGRES_ENV_VAR = "EVALS_ORM_TEST_POSTGRES_URL"
 STRICT_ENV_VAR = "EVALS_ORM_REQUIRE_BACKENDS"
-_UNSELECTED_DEFAULT = ("sqlite",)
+_UNSELECTED_DEFAULT = "sqlite"
 
 _selection_key = pytest.StashKey[tuple[str, ...]]()
 _sqld_key = pytest.StashKey[SqldServer]()
@@ -142,10 +142,11 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "evals_backend" in metafunc.fixturenames:
-        backends = metafunc.config.stash[_selection_key] or _UNSELECTED_DEFAULT
-        # Session scope groups the tests by backend, so each worker starts its
-        # sqld (and meets an unreachable server) once, not between every test.
+    backends = metafunc.config.stash[_selection_key]
+    if backends and "evals_backend" in metafunc.fixturenames:
+        # The parameter replaces the ``evals_backend`` fixture. Session scope
+        # groups the tests by backend, so each worker starts its sqld (and meets
+        # an unreachable server) once, not between every test.
         metafunc.parametrize("evals_backend", backends, ids=backends, scope="session")
 
 
@@ -158,6 +159,12 @@ def pytest_runtest_makereport(
     if server is not None and report.failed:
         report.sections.append((f"sqld log ({server.log_path})", server.log_tail()))
     return report
+
+
+@pytest.fixture
+def evals_backend() -> str:
+    """The name of the backend this test runs on (``sqlite`` when none is selected)."""
+    return _UNSELECTED_DEFAULT
 
 
 @pytest.fixture(scope="session")
