@@ -196,7 +196,7 @@ def test_unavailable_backend_skips_or_fails_when_strict(
 
 def test_databases_are_isolated_and_removed(host: pytest.Pytester) -> None:
     """A row written by one test is absent from the next; no database or sqld outlives the run."""
-    result = host.runpytest_subprocess("-p", "no:randomly", "--evals-backend", ALL)
+    result = host.runpytest_subprocess("--evals-backend", ALL)
 
     result.assert_outcomes(passed=3 * len(BACKENDS) + 1)
     records = _records(host)
