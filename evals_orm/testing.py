@@ -12,7 +12,7 @@ Each test that uses a fixture below then runs once per selected backend, the
 backend's name in its id (``test_x[sqlite]``). Without a selection nothing is
 parametrized and those tests run on ``sqlite`` alone.
 
-Fixtures (all function-scoped: every test gets its own database):
+Fixtures, function-scoped (every test gets its own database):
 
 - ``evals_backend``: the backend's name.
 - ``evals_url``: the URL of a fresh, empty, un-migrated database, enough for
@@ -25,6 +25,9 @@ Fixtures (all function-scoped: every test gets its own database):
   the installed evals_orm has ``create_async_engine``.
 - ``evals_database``: the database as a ``Database`` (``backend``, ``url``
   without the token, ``auth_token``, ``engine()``, ``env()``).
+
+and, session-scoped (one per ``pytest-xdist`` worker), ``evals_sqld``: the
+running libSQL server of ``libsql-remote``.
 
 Backends: ``sqlite`` and ``libsql`` are files in the test's ``tmp_path``;
 ``postgresql`` is a database created per test from the admin URL
