@@ -28,7 +28,7 @@ from cattrs.errors import (
     ClassValidationError,
     IterableValidationNote,
 )
-from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 from cattrs.strategies import configure_tagged_union
 
 from evals_orm.domain import (
@@ -347,8 +347,18 @@ def _tag_first(
 
 def _register_class(conv: cattrs.Converter, cls: type[Any]) -> None:
     # Generated functions look up the hooks of their fields' types when they
-    # are made, so classes are registered after the classes they hold.
-    structure_fn: Callable[[Any, Any], Any] = make_dict_structure_fn(cls, conv)
+    # are made, so classes are registered after the classes they hold. A
+    # float field's own converter (int to float) and validator (finite) do
+    # all the work, so its JSON value goes straight in; the other converted
+    # fields (datetimes, string tuples, maps) are parsed by their type's hook.
+    hooks: dict[str, Any] = {
+        field.name: override(struct_hook=conv.get_structure_hook(field.type))
+        for field in attrs.fields(attrs.resolve_types(cls))
+        if field.converter is not None and field.type is not float
+    }
+    structure_fn: Callable[[Any, Any], Any] = make_dict_structure_fn(
+        cls, conv, _cattrs_prefer_attrib_converters=True, **hooks
+    )
     conv.register_structure_hook(cls, _object_hook(cls, structure_fn))
     unstructure_fn: Callable[[Any], dict[str, Any]] = make_dict_unstructure_fn(
         cls, conv, _cattrs_omit_if_default=cls is StudyConfig

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
-import pickle
 import struct
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -36,7 +34,6 @@ from evals_orm.domain import (
     FieldError,
     LongitudinalMetrics,
     NanoDatetime,
-    NanoTimedelta,
     PeriodType,
     StudyConfig,
     StudyId,
@@ -247,31 +244,6 @@ def test_duration_is_floored_seconds_and_positive_nanos(delta: timedelta, nanos:
     value = loads(f"[{seconds},{nanoseconds + nanos}]", timedelta)
     assert [seconds, nanoseconds + nanos] == unstructure(value)
     assert nanos == getattr(value, "nanosecond", 0)
-
-
-def test_nano_types_compare_and_hash_with_their_nanoseconds() -> None:
-    """NanoDatetime/NanoTimedelta order and hash by the nanosecond; 0 equals the plain type."""
-    plain = datetime(2024, 1, 1, 0, 0, 0, 5, timezone.utc)
-    later = NanoDatetime(2024, 1, 1, 0, 0, 0, 5, timezone.utc, nanosecond=1)
-    assert plain < later
-    assert later > plain
-    assert plain != later
-    assert plain == NanoDatetime(2024, 1, 1, 0, 0, 0, 5, timezone.utc)
-    assert hash(plain) == hash(NanoDatetime(2024, 1, 1, 0, 0, 0, 5, timezone.utc))
-    assert later < datetime(2024, 1, 1, 0, 0, 0, 6, timezone.utc)
-    assert len({plain, later}) == 2
-    assert copy.deepcopy(later) == later
-    assert pickle.loads(pickle.dumps(later)) == later
-    short = timedelta(microseconds=5)
-    longer = NanoTimedelta(0, 5, nanosecond=1)
-    assert short < longer
-    assert longer > short
-    assert short != longer
-    assert short == NanoTimedelta(0, 5)
-    assert pickle.loads(pickle.dumps(longer)) == longer
-    assert len({short, longer}) == 2
-    with pytest.raises(ValueError, match=r"nanosecond must be in 0\.\.999"):
-        NanoTimedelta(0, nanosecond=1000)
 
 
 # --- golden lines -----------------------------------------------------------
