@@ -26,7 +26,6 @@ from cattrs.errors import (
     AttributeValidationNote,
     BaseValidationError,
     ClassValidationError,
-    IterableValidationNote,
 )
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 from cattrs.strategies import configure_tagged_union
@@ -130,6 +129,9 @@ def _structure_datetime(value: Any, _: Any) -> datetime:
     match = _RFC3339.fullmatch(value)
     if match is None:
         raise FieldError("", f"expected an RFC 3339 timestamp with an offset, got {value!r}")
+    if value.startswith("0000"):
+        reason = f"timestamp {value!r} is outside the years 1..9999 a Python datetime holds"
+        raise FieldError("", reason)
     year, month, day, hour, minute, second, fraction, sign, off_h, off_m = match.groups()
     if second == "60":
         raise FieldError("", f"leap second in {value!r}: Python datetimes hold seconds 0..59")
@@ -144,8 +146,11 @@ def _structure_datetime(value: Any, _: Any) -> datetime:
                 raise ValueError("offset out of range")
             offset = timedelta(hours=int(off_h), minutes=int(off_m))
             moment -= -offset if sign == "-" else offset
-    except (ValueError, OverflowError) as exc:
-        raise FieldError("", f"invalid timestamp {value!r}: {exc} (years 1..9999)") from None
+    except ValueError as exc:
+        raise FieldError("", f"invalid timestamp {value!r}: {exc}") from None
+    except OverflowError:
+        reason = f"timestamp {value!r} is outside the years 1..9999 a Python datetime holds"
+        raise FieldError("", reason) from None
     if nanosecond:
         fields = moment.timetuple()[:6]
         return NanoDatetime(*fields, moment.microsecond, _UTC, nanosecond=nanosecond)
@@ -458,8 +463,6 @@ def _invalid(exc: Exception) -> InvalidEventError:
         for note in getattr(exc, "__notes__", ()):
             if isinstance(note, AttributeValidationNote):
                 path = _join(path, note.name)
-            elif isinstance(note, IterableValidationNote):
-                path = _join(path, f"[{note.index}]")
     if isinstance(exc, FieldError):
         path, reason = _join(path, exc.field), exc.reason
     else:
