@@ -31,7 +31,6 @@ __all__ = [
     "TimePeriod",
     "describe",
     "ensure_utc",
-    "optional_to_utc",
     "require_aware",
     "require_instance",
     "require_text",
@@ -305,7 +304,7 @@ def to_utc(value: datetime) -> datetime:
     return value
 
 
-def optional_to_utc(value: datetime | None) -> datetime | None:
+def _optional_to_utc(value: datetime | None) -> datetime | None:
     """Convert an aware datetime to UTC, keep None; leave anything else to ``require_aware``."""
     return None if value is None else to_utc(value)
 
@@ -354,10 +353,9 @@ def _text(value: object, field: str) -> None:
             raise FieldError(field, f"lone surrogate U+{code:04X} in string") from None
 
 
-def require_text(_instance: object, field: attrs.Attribute[Any], value: str | None) -> None:
-    """Validate an optional string of Unicode scalar values (no lone surrogates)."""
-    if value is not None:
-        _text(value, field.name)
+def require_text(_instance: object, field: attrs.Attribute[Any], value: str) -> None:
+    """Validate a string of Unicode scalar values (no lone surrogates)."""
+    _text(value, field.name)
 
 
 def to_texts(value: Iterable[str]) -> tuple[str, ...]:
@@ -432,7 +430,9 @@ class PeriodType(str, enum.Enum):
 class StudyConfig:
     """Free-form description, tags and metadata of a study."""
 
-    description: str | None = attrs.field(default=None, validator=require_text)
+    description: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(require_text)
+    )
     tags: tuple[str, ...] = attrs.field(default=(), converter=to_texts, validator=require_texts)
     # A dict keeps the wire order of the keys; it is left out of the hash
     # (equal configs still hash equal) because dicts are unhashable.
@@ -517,10 +517,10 @@ class Study:
     config: StudyConfig
     created_at: datetime = attrs.field(converter=to_utc, validator=require_aware)
     started_at: datetime | None = attrs.field(
-        default=None, converter=optional_to_utc, validator=require_aware
+        default=None, converter=_optional_to_utc, validator=require_aware
     )
     stopped_at: datetime | None = attrs.field(
-        default=None, converter=optional_to_utc, validator=require_aware
+        default=None, converter=_optional_to_utc, validator=require_aware
     )
 
     @property

@@ -546,6 +546,10 @@ BAD_INPUTS: list[tuple[str | bytes, str]] = [
     (created_line(id="URN:UUID:" + STUDY), "event.id: expected a UUID"),
     (created_line(name=None), "event.name: missing field"),
     (created_line(name=5), "event.name: expected a string, got integer 5"),
+    (
+        created_line().replace('"name": "n"', '"name": null'),
+        "event.name: expected a string, got null",
+    ),
     (created_line(name="\ud800"), "event.name: lone surrogate U+D800"),
     (created_line(name="\udc00x"), "event.name: lone surrogate U+DC00"),
     (created_line(period_type="Weekly"), "event.period_type: unknown variant"),
