@@ -173,6 +173,12 @@ class NanoDatetime(datetime):
         fields = (self.year, self.month, self.day, self.hour, self.minute, self.second)
         return (_nano_datetime, (*fields, self.microsecond, self.tzinfo, self.nanosecond))
 
+    def astimezone(self, tz: tzinfo_type | None = None) -> NanoDatetime:
+        """Return the same instant in ``tz``, nanoseconds kept."""
+        moment = datetime.astimezone(self, tz)
+        fields = moment.timetuple()[:6]
+        return NanoDatetime(*fields, moment.microsecond, moment.tzinfo, nanosecond=self.nanosecond)
+
     def __hash__(self) -> int:
         plain = datetime.__hash__(self)
         return hash((plain, self.nanosecond)) if self.nanosecond else plain

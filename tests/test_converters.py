@@ -34,6 +34,7 @@ from evals_orm.domain import (
     FieldError,
     LongitudinalMetrics,
     NanoDatetime,
+    NanoTimedelta,
     PeriodType,
     StudyConfig,
     StudyId,
@@ -85,12 +86,24 @@ micros = st.one_of(
     st.integers(0, 999).map(lambda ms: ms * 1000),
     st.integers(0, 999_999),
 )
+# chrono stamps to the nanosecond: a third of the values carry sub-microsecond digits.
+nanos = st.one_of(st.just(0), st.just(0), st.integers(1, 999))
 utc_datetimes = st.builds(
-    lambda dt, us: dt.replace(microsecond=us, tzinfo=timezone.utc),
+    lambda dt, us, ns: NanoDatetime(
+        dt.year, dt.month, dt.day, dt.hour, dt.minute, dt.second, us, timezone.utc, nanosecond=ns
+    ),
     st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)),
     micros,
+    nanos,
 )
-durations = st.timedeltas(min_value=timedelta(days=-99_999), max_value=timedelta(days=99_999))
+timedeltas = st.timedeltas(min_value=timedelta(days=-99_999), max_value=timedelta(days=99_999))
+durations = st.builds(
+    lambda delta, ns: NanoTimedelta(
+        delta.days * 86_400 + delta.seconds, delta.microseconds, nanosecond=ns
+    ),
+    timedeltas,
+    nanos,
+)
 configs = st.builds(
     StudyConfig,
     st.none() | texts,
@@ -215,6 +228,7 @@ def test_value_types_round_trip(
 @given(utc_datetimes, st.integers(-23 * 60 - 59, 23 * 60 + 59), st.integers(0, 999))
 def test_offsets_and_nanoseconds_read_as_utc(dt: datetime, offset_min: int, nanos: int) -> None:
     """Any offset converts to UTC, and the nanoseconds are kept and written back."""
+    dt = datetime(*dt.timetuple()[:6], dt.microsecond, timezone.utc)
     local = dt.astimezone(timezone(timedelta(minutes=offset_min)))
     if not datetime.min.replace(tzinfo=timezone.utc) < dt < datetime.max.replace(
         tzinfo=timezone.utc
@@ -235,7 +249,7 @@ def test_offsets_and_nanoseconds_read_as_utc(dt: datetime, offset_min: int, nano
     assert value == loads(json.dumps(utc_text), datetime)
 
 
-@given(durations, st.integers(0, 999))
+@given(timedeltas, st.integers(0, 999))
 def test_duration_is_floored_seconds_and_positive_nanos(delta: timedelta, nanos: int) -> None:
     """Durations are [floor seconds, nanoseconds], the nanoseconds kept to the last digit."""
     seconds, nanoseconds = unstructure(delta)

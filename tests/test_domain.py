@@ -126,10 +126,13 @@ def test_nano_types_compare_and_hash_with_their_nanoseconds() -> None:
         NanoTimedelta(0, nanosecond=1000)
 
 
-def test_nano_datetime_keeps_its_nanoseconds_only_as_is() -> None:
-    """replace/astimezone/arithmetic work on the microseconds and drop the nanoseconds."""
+def test_nano_datetime_keeps_its_nanoseconds_across_time_zones_only() -> None:
+    """astimezone keeps the nanoseconds; replace and arithmetic drop them."""
     value = NanoDatetime(2024, 1, 1, 0, 0, 0, 5, timezone.utc, nanosecond=7)
     assert 7 == value.nanosecond
+    local = value.astimezone(timezone(timedelta(hours=2)))
+    assert (2, 7) == (local.hour, local.nanosecond)
+    assert value == TimePeriod(local, local).start
     assert 0 == value.replace(second=1).nanosecond
     assert datetime(2024, 1, 1, 0, 0, 1, 5, timezone.utc) == value + timedelta(seconds=1)
 
