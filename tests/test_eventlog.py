@@ -635,3 +635,16 @@ def test_concurrent_writers_and_projectors_project_every_event_once(
     logged_checkpoints = sum(isinstance(s.event, CheckpointRecorded) for s in logged)
     assert logged_checkpoints == sum(len(c) for c in projected[1].values())
     assert _rebuilt_snapshot(engine, log) == projected
+
+
+def test_golden_lines_come_back_from_the_log_and_jsonl_byte_for_byte(
+    migrated: sa.Engine, tmp_path: Path
+) -> None:
+    """9-digit times, nanosecond durations and `e+` exponents survive append, read and re-ingest."""
+    lines = (Path(__file__).parent / "golden" / "rust_events.jsonl").read_text().splitlines()
+    source = tmp_path / "rust.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    log = SqlEventLog(migrated)
+    assert len(lines) == log.append(read_jsonl(source))
+    assert lines == [dumps(stored) for stored in log.read()]
+    assert 0 == log.append(read_jsonl(source))
