@@ -120,6 +120,9 @@ def transaction(bind: Bind) -> Iterator[sa.Connection]:
                 with connection.begin():
                     yield from _activated(engine, connection)
         else:
+            if not isinstance(bind.kw.get("bind"), sa.Engine):
+                # Bound to the caller's Connection: its transaction, its isolation.
+                options = {}
             with bind.begin() as session:
                 yield from _activated(engine, session.connection(execution_options=options))
 
