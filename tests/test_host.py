@@ -29,6 +29,7 @@ from evals_orm import (
     CheckpointId,
     CheckpointRecorded,
     DatabaseError,
+    EventOrderError,
     LongitudinalMetrics,
     PeriodType,
     ProjectionError,
@@ -419,3 +420,32 @@ def test_the_readme_example_runs(migrated: sa.Engine) -> None:
         module.main(migrated)
     finally:
         del sys.modules[module.__name__]
+
+
+def test_a_savepoint_as_the_first_statement_is_undone_by_the_callers_rollback(
+    host: sa.Engine,
+) -> None:
+    """The package's savepoint opens the caller's transaction for real, so rollback undoes it."""
+    _, events = _study()
+    with host.connect() as connection:
+        connection.begin()
+        assert 3 == SqlEventLog(connection).append(events)
+        connection.rollback()
+        assert 0 == SqlEventLog(connection).count()
+    assert 0 == _log_count(host)
+
+
+def test_the_caller_can_keep_going_after_a_rejected_append(host: sa.Engine) -> None:
+    """An EventOrderError inside the caller's Connection leaves it usable and uncommitted."""
+    study_id, events = _study()
+    with host.connect() as connection:
+        log = SqlEventLog(connection)
+        log.append(events[1:])
+        with pytest.raises(EventOrderError):
+            log.append(events[0])
+        connection.execute(sa.insert(Team).values(name="red", study_id=None))
+        assert connection.in_transaction()
+        connection.commit()
+    assert ["red"] == _teams(host)
+    assert 2 == _log_count(host)
+    assert study_id == SqlEventLog(host).fetch(0, 1)[0][1].event.study_id
