@@ -117,19 +117,24 @@ class WriterSlot:
             wake()
 
 
-_SLOTS: dict[object, WriterSlot] = {}
+_SLOTS: dict[str, WriterSlot] = {}
 _GUARD = threading.Lock()
-_INSTALLED = "_evals_orm_writer_slot"
+_INSTALLED = "_evals_orm_writer_slot_installed"
+_SLOT = "_evals_orm_writer_slot"
 
 
 def slot_of(engine: sa.Engine) -> WriterSlot:
     """Return the slot of ``engine``'s database, shared by every Engine on it."""
-    backend = backend_of(engine)
-    # Each in-memory Engine is its own database; files and servers are
-    # named by their URL.
-    key: object = id(engine) if backend.in_memory else engine.url.render_as_string()
     with _GUARD:
-        return _SLOTS.setdefault(key, WriterSlot())
+        if backend_of(engine).in_memory:
+            # Each in-memory Engine is its own database.
+            slot: WriterSlot | None = getattr(engine.dialect, _SLOT, None)
+            if slot is None:
+                slot = WriterSlot()
+                setattr(engine.dialect, _SLOT, slot)
+            return slot
+        # Files and servers are named by their URL.
+        return _SLOTS.setdefault(engine.url.render_as_string(), WriterSlot())
 
 
 def _dbapi(connection: Any) -> object:
