@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from evals_orm import _writer
 from evals_orm._backend import backend_of
 from evals_orm.models import TrackingRow
 
@@ -22,7 +23,9 @@ def lock(connection: sa.Connection, name: str) -> int:
         index_elements=[TrackingRow.name],
         set_={"position": TrackingRow.position},
     ).returning(TrackingRow.position)
+    _writer.before_lock(connection, name)
     position: int = connection.execute(statement).scalar_one()
+    _writer.locked(connection, name)
     return position
 
 

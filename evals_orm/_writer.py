@@ -1,4 +1,4 @@
-"""The writer slot: how writers of one single-writer database wait for each other.
+"""The writer slot: how writers of one database in this process wait for each other.
 
 SQLite, embedded libSQL and remote libSQL take one writer at a time. Writers
 of this process queue for a per-database slot in Python, before the database
@@ -13,6 +13,10 @@ at once with an error that says what to do.
 Every write on an Engine handed to the services takes the slot, the host
 application's own writes included, so a host Session and the services'
 transactions queue in the same line.
+
+Where the database queues its writers itself (PostgreSQL's row locks), only
+the lock rows the services take are recorded, to refuse at once a wait for
+a lock row held by another transaction of the same owner.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from sqlalchemy import event
 from evals_orm._backend import backend_of
 from evals_orm.errors import DatabaseError
 
-__all__ = ["WriterSlot", "install", "owner", "slot_of"]
+__all__ = ["WriterSlot", "before_lock", "install", "locked", "owner", "slot_of"]
 
 # As long as the busy timeout the engines set: a writer that waits longer
 # would have failed inside the database too.
@@ -74,11 +78,7 @@ class WriterSlot:
             # same connection of another owner is another writer.
             return self._owner is who
         if self._owner is who:
-            raise DatabaseError(
-                "this thread (or task) already has an open write transaction on this "
-                "database, so this write would wait for itself; pass that Session or "
-                "Connection to evals_orm, or commit it first"
-            )
+            raise DatabaseError(_SELF_WAIT)
         return False
 
     def acquire(self, holder: object, who: object) -> None:
@@ -117,24 +117,80 @@ class WriterSlot:
             wake()
 
 
-_SLOTS: dict[str, WriterSlot] = {}
+_SELF_WAIT = (
+    "this thread (or task) already has an open write transaction on this "
+    "database, so this write would wait for itself; pass that Session or "
+    "Connection to evals_orm, or commit it first"
+)
+
+
+class _Database:
+    """What this process knows of the writers of one database."""
+
+    def __init__(self) -> None:
+        self.writer = WriterSlot()
+        # Lock rows held, by name: (holder, owner). Only where the database
+        # itself queues the writers (PostgreSQL); there the table is only read
+        # to refuse a wait that could never end.
+        self._locks: dict[str, tuple[object, object]] = {}
+        self._guard = threading.Lock()
+
+    def before_lock(self, name: str, holder: object, who: object) -> None:
+        """Refuse to wait for lock row ``name`` if ``who`` holds it through another connection."""
+        with self._guard:
+            held = self._locks.get(name)
+        if held is not None and held[1] is who and held[0] is not holder:
+            raise DatabaseError(_SELF_WAIT)
+
+    def locked(self, name: str, holder: object, who: object) -> None:
+        """Record that ``holder`` (of ``who``) now holds lock row ``name``."""
+        with self._guard:
+            self._locks[name] = (holder, who)
+
+    def release(self, holder: object) -> None:
+        """Forget everything ``holder`` held: its transaction has ended."""
+        self.writer.release(holder)
+        with self._guard:
+            for name in [name for name, held in self._locks.items() if held[0] is holder]:
+                del self._locks[name]
+
+
+_DATABASES: dict[str, _Database] = {}
 _GUARD = threading.Lock()
-_INSTALLED = "_evals_orm_writer_slot_installed"
-_SLOT = "_evals_orm_writer_slot"
+_INSTALLED = "_evals_orm_writers_installed"
+_DATABASE = "_evals_orm_database"
 
 
-def slot_of(engine: sa.Engine) -> WriterSlot:
-    """Return the slot of ``engine``'s database, shared by every Engine on it."""
+def _database_of(engine: sa.Engine) -> _Database:
+    """Return the writers of ``engine``'s database, shared by every Engine on it."""
     with _GUARD:
         if backend_of(engine).in_memory:
             # Each in-memory Engine is its own database.
-            slot: WriterSlot | None = getattr(engine.dialect, _SLOT, None)
-            if slot is None:
-                slot = WriterSlot()
-                setattr(engine.dialect, _SLOT, slot)
-            return slot
+            database: _Database | None = getattr(engine.dialect, _DATABASE, None)
+            if database is None:
+                database = _Database()
+                setattr(engine.dialect, _DATABASE, database)
+            return database
         # Files and servers are named by their URL.
-        return _SLOTS.setdefault(engine.url.render_as_string(), WriterSlot())
+        return _DATABASES.setdefault(engine.url.render_as_string(), _Database())
+
+
+def slot_of(engine: sa.Engine) -> WriterSlot:
+    """Return the writer slot of ``engine``'s database."""
+    return _database_of(engine).writer
+
+
+def before_lock(connection: sa.Connection, name: str) -> None:
+    """Refuse at once a lock row this thread (or task) holds through another connection."""
+    if not backend_of(connection.engine).single_writer:
+        holder = _dbapi(connection.connection)
+        _database_of(connection.engine).before_lock(name, holder, owner())
+
+
+def locked(connection: sa.Connection, name: str) -> None:
+    """Record that ``connection``'s transaction holds lock row ``name`` until it ends."""
+    if not backend_of(connection.engine).single_writer:
+        _database_of(connection.engine).locked(name, _dbapi(connection.connection), owner())
 
 
 def _dbapi(connection: Any) -> object:
@@ -143,18 +199,22 @@ def _dbapi(connection: Any) -> object:
 
 
 def install(engine: sa.Engine) -> None:
-    """Make ``engine``'s writers take the slot, and its savepoints transactional (idempotent).
-
-    Only single-writer backends get anything.
-    """
-    if not backend_of(engine).single_writer:
-        return
+    """Make ``engine``'s writers take the slot, and its savepoints transactional (idempotent)."""
     dialect = engine.dialect
     with _GUARD:
         if getattr(dialect, _INSTALLED, False):
             return
         setattr(dialect, _INSTALLED, True)
-    slot = slot_of(engine)
+    database = _database_of(engine)
+    # SQLAlchemy's commit and rollback events fire before the driver call; a
+    # transaction's slot and locks must be freed only once the driver has
+    # ended it (a libSQL waiter would otherwise hold the GIL the committer
+    # still needs).
+    for name in ("do_commit", "do_rollback", "do_close"):
+        _release_after(dialect, name, database)
+    if not backend_of(engine).single_writer:
+        return
+    slot = database.writer
 
     @event.listens_for(engine, "before_cursor_execute")
     def before_write(
@@ -177,20 +237,14 @@ def install(engine: sa.Engine) -> None:
             return
         slot.acquire(_dbapi(connection.connection), owner())
 
-    # SQLAlchemy's commit and rollback events fire before the driver call; the
-    # slot must be freed only once the driver has ended the transaction (a
-    # libSQL waiter would otherwise hold the GIL the committer still needs).
-    for name in ("do_commit", "do_rollback", "do_close"):
-        _release_after(dialect, name, slot)
 
-
-def _release_after(dialect: sa.Dialect, name: str, slot: WriterSlot) -> None:
+def _release_after(dialect: sa.Dialect, name: str, database: _Database) -> None:
     original = getattr(dialect, name)
 
     def wrapped(dbapi_connection: Any) -> None:
         try:
             original(dbapi_connection)
         finally:
-            slot.release(_dbapi(dbapi_connection))
+            database.release(_dbapi(dbapi_connection))
 
     setattr(dialect, name, wrapped)

@@ -449,3 +449,18 @@ def test_the_caller_can_keep_going_after_a_rejected_append(host: sa.Engine) -> N
     assert ["red"] == _teams(host)
     assert 2 == _log_count(host)
     assert study_id == SqlEventLog(host).fetch(0, 1)[0][1].event.study_id
+
+
+def test_waiting_for_a_lock_row_of_the_same_thread_fails_at_once(host: sa.Engine) -> None:
+    """A Session holding the log's lock row, then an Engine-bound append: an error, not a hang."""
+    _, first = _study()
+    _, second = _study()
+    with Session(host) as session:
+        SqlEventLog(session).append(first)
+        started = time.monotonic()
+        with pytest.raises(DatabaseError, match="pass that Session or Connection to evals_orm"):
+            SqlEventLog(host).append(second)
+        assert time.monotonic() - started < 1.0
+        SqlEventLog(session).append(second)
+        session.commit()
+    assert 6 == _log_count(host)
