@@ -33,6 +33,7 @@ from evals_orm import (
     LongitudinalMetrics,
     PeriodType,
     ProjectionError,
+    SchemaMissingError,
     SqlEvalProjection,
     SqlEvalStorage,
     SqlEventLog,
@@ -63,6 +64,15 @@ class Team(HostBase):
     name: Mapped[str] = mapped_column(sa.String(100))
     study_id: Mapped[UUID | None] = mapped_column(GUID(), sa.ForeignKey(StudyRow.id))
     study: Mapped[StudyRow | None] = relationship(StudyRow)
+
+
+class Note(HostBase):
+    """A host table without any reference to the package's tables."""
+
+    __tablename__ = "host_notes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    text: Mapped[str] = mapped_column(sa.String(100))
 
 
 @pytest.fixture
@@ -464,3 +474,18 @@ def test_waiting_for_a_lock_row_of_the_same_thread_fails_at_once(host: sa.Engine
         SqlEventLog(session).append(second)
         session.commit()
     assert 6 == _log_count(host)
+
+
+def test_a_driver_error_leaves_the_callers_transaction_usable(engine: sa.Engine) -> None:
+    """Tables missing: SchemaMissingError, and the caller still commits its own row."""
+    Note.__table__.create(engine)  # type: ignore[attr-defined]
+    _, events = _study()
+    with Session(engine) as session:
+        session.add(Note(text="kept"))
+        session.flush()
+        with pytest.raises(SchemaMissingError):
+            SqlEventLog(session).append(events)
+        session.add(Note(text="also kept"))
+        session.commit()
+    with Session(engine) as session:
+        assert ["also kept", "kept"] == sorted(session.scalars(sa.select(Note.text)))
