@@ -49,7 +49,10 @@ def engine_of(bind: Bind) -> sa.Engine:
         return bind
     if isinstance(bind, sa.Connection):
         return bind.engine
-    target = bind.get_bind() if isinstance(bind, Session) else bind.kw.get("bind")
+    try:
+        target = bind.get_bind() if isinstance(bind, Session) else bind.kw.get("bind")
+    except sa.exc.UnboundExecutionError:
+        target = None
     if isinstance(target, sa.Engine):
         return target
     if isinstance(target, sa.Connection):

@@ -276,6 +276,13 @@ def test_an_unusable_bind_is_a_type_error_at_construction(bind: object) -> None:
             service(bind)  # type: ignore[arg-type]
 
 
+def test_an_unbound_session_or_sessionmaker_is_a_type_error() -> None:
+    """A Session or sessionmaker without an Engine or Connection is refused at construction."""
+    for bind in (Session(), sessionmaker()):
+        with pytest.raises(TypeError, match="must be bound to an Engine or a Connection"):
+            SqlEventLog(bind)
+
+
 def test_threads_with_sessions_and_engines_append_and_project_concurrently(
     host: sa.Engine,
 ) -> None:
