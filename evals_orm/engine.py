@@ -13,6 +13,7 @@ from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import ConnectionPoolEntry, QueuePool, StaticPool
 
+from evals_orm._writer import install as install_writer_slot
 from evals_orm.errors import ConfigurationError
 
 __all__ = ["create_engine"]
@@ -65,6 +66,9 @@ def create_engine(url: str | URL, *, auth_token: str | None = None, **engine_kwa
     if auth_token is not None and not (engine.dialect.driver == "libsql" and engine.url.host):
         raise ConfigurationError("auth_token is only used with a remote libSQL URL")
     _redact_errors(engine, auth_token)
+    # Before any connection: the host application's own writes queue for the
+    # writer slot too (see evals_orm._writer).
+    install_writer_slot(engine)
     return engine
 
 
