@@ -319,8 +319,12 @@ def _copy_rows(
     names = list(rows[0])
     columns = _processors(dialect, table, names)
     quote = dialect.identifier_preparer.quote
+    # COPY is raw SQL, which the engine's schema_translate_map does not reach.
+    translate = connection.get_execution_options().get("schema_translate_map") or {}
+    schema = translate.get(table.schema, table.schema)
+    name = quote(table.name) if schema is None else f"{quote(schema)}.{quote(table.name)}"
     statement = (
-        f"COPY {dialect.identifier_preparer.format_table(table)} "
+        f"COPY {name} "
         f"({', '.join(quote(name) for name in names)}) FROM STDIN"
     )
     driver_connection = connection.connection.driver_connection

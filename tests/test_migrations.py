@@ -27,7 +27,7 @@ from support import T0, checkpoint_row, raw_rows, seed, study_row
 
 REPO = Path(__file__).resolve().parent.parent
 ALEMBIC = Path(sys.executable).parent / "alembic"
-HEAD = "0001"
+HEAD = "evals_orm_0001"
 OUR_TABLES = {"studies", "checkpoints", "eval_events", "eval_tracking"}
 SEED_DDL = """
 CREATE TABLE studies (id TEXT PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL,
@@ -263,7 +263,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "9002"
-down_revision = "0001"
+down_revision = "evals_orm_0001"
 branch_labels = None
 depends_on = None
 

@@ -64,4 +64,4 @@ def test_installed_wheel_migrates_without_a_source_tree(tmp_path: Path) -> None:
         tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
         version = connection.execute("SELECT version_num FROM evals_orm_alembic_version").fetchall()
     assert {"studies", "checkpoints", "eval_events", "eval_tracking"} <= tables
-    assert [("0001",)] == version
+    assert [("evals_orm_0001",)] == version
