@@ -24,7 +24,12 @@ from evals_orm.migrations import RENAMED_REVISIONS, VERSION_TABLE, schema_of
 from evals_orm.models import metadata
 
 config = context.config
-if config.config_file_name is not None and config.attributes.get("configure_logger", True):
+# A host's ini (`alembic -n evals_orm`) need not configure logging.
+if (
+    config.config_file_name is not None
+    and config.attributes.get("configure_logger", True)
+    and config.file_config.has_section("formatters")
+):
     logging.config.fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 

@@ -52,14 +52,15 @@ def test_installed_wheel_migrates_without_a_source_tree(tmp_path: Path) -> None:
         str(python),
         "-c",
         "import evals_orm; from evals_orm import migrations;"
-        "print(evals_orm.__file__, migrations.script_location());"
+        "print(evals_orm.__file__, migrations.script_location(), migrations.SCRIPT_LOCATION);"
         "migrations.upgrade('sqlite+libsql:///x.db')",
         cwd=work,
     )
     assert 0 == upgraded.returncode, upgraded.stderr
-    module, scripts = upgraded.stdout.split()
+    module, scripts, location = upgraded.stdout.split()
     assert Path(module).is_relative_to(site)
     assert site / "evals_orm" / "_alembic" == Path(scripts)
+    assert "evals_orm:_alembic" == location
     with sqlite3.connect(work / "x.db") as connection:
         tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
         version = connection.execute("SELECT version_num FROM evals_orm_alembic_version").fetchall()
