@@ -312,9 +312,9 @@ def test_offline_sql_gives_the_online_schema(database: Database, tmp_path: Path)
     if database.backend == "libsql-remote":
         unreachable = ("--url", "http://127.0.0.1:9", "db", "upgrade", "--sql")
         assert script == _ok(_run("evals-orm", *unreachable, cwd=tmp_path, database=database))
-        local = _ok(_run("evals-orm", "--url", "sqlite:///x.db", "db", "upgrade", "--sql",
-                         cwd=tmp_path, database=database))  # fmt: skip
-        assert local == script
+        local = Database("sqlite", f"sqlite:///{tmp_path / 'local.db'}")
+        args = ("--url", local.url, "db", "upgrade", "--sql")
+        assert script == _ok(_run("evals-orm", *args, cwd=tmp_path, database=local))
         return
     offline = _apply_script(database, script, tmp_path)
     if database.backend == "postgresql":
