@@ -323,10 +323,7 @@ def _copy_rows(
     translate = connection.get_execution_options().get("schema_translate_map") or {}
     schema = translate.get(table.schema, table.schema)
     name = quote(table.name) if schema is None else f"{quote(schema)}.{quote(table.name)}"
-    statement = (
-        f"COPY {name} "
-        f"({', '.join(quote(name) for name in names)}) FROM STDIN"
-    )
+    statement = f"COPY {name} ({', '.join(quote(name) for name in names)}) FROM STDIN"
     driver_connection = connection.connection.driver_connection
     assert driver_connection is not None
     try:

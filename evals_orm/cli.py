@@ -619,7 +619,9 @@ def _parser() -> _Parser:
     upgrade = command(db_commands, "upgrade", _cmd_db_upgrade, "upgrade the schema")
     upgrade.add_argument("revision", nargs="?", default="head", metavar="REV")
     upgrade.add_argument(
-        "--sql", action="store_true", help="print the SQL script for the URL's database, run nothing"
+        "--sql",
+        action="store_true",
+        help="print the SQL script for the URL's database, run nothing",
     )
     downgrade = command(db_commands, "downgrade", _cmd_db_downgrade, "downgrade the schema")
     downgrade.add_argument("revision", metavar="REV", help='target revision ("base": no tables)')

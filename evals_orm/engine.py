@@ -73,7 +73,9 @@ def create_engine(
             f"unsupported database URL scheme {scheme!r}; expected {_SUPPORTED}"
         )
     if schema is not None and engine.dialect.name != "postgresql":
-        raise ConfigurationError("a schema is only supported on PostgreSQL, not on SQLite or libSQL")
+        raise ConfigurationError(
+            "a schema is only supported on PostgreSQL, not on SQLite or libSQL"
+        )
     if auth_token is not None and not (engine.dialect.driver == "libsql" and engine.url.host):
         raise ConfigurationError("auth_token is only used with a remote libSQL URL")
     _redact_errors(engine, auth_token)

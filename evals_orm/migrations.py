@@ -63,7 +63,9 @@ def _public_location() -> str:
     scripts = script_location()
     # An installed wheel has them as package data; a source checkout or an
     # editable install only has the repository's folder, so its path is given.
-    return "evals_orm:_alembic" if scripts.parent == Path(__file__).resolve().parent else str(scripts)
+    return (
+        "evals_orm:_alembic" if scripts.parent == Path(__file__).resolve().parent else str(scripts)
+    )
 
 
 SCRIPT_LOCATION = _public_location()
@@ -72,7 +74,9 @@ SCRIPT_LOCATION = _public_location()
 
 def schema_of(bind: sa.Engine | sa.Connection) -> str | None:
     """Return the schema evals_orm's objects live in on ``bind`` (``None``: the default one)."""
-    translate: dict[str | None, str] = bind.get_execution_options().get("schema_translate_map") or {}
+    translate: dict[str | None, str] = (
+        bind.get_execution_options().get("schema_translate_map") or {}
+    )
     return translate.get(None)
 
 

@@ -15,6 +15,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -38,7 +39,7 @@ class Database:
     url: str
     auth_token: str | None = None
 
-    def engine(self, **kwargs: object) -> sa.Engine:
+    def engine(self, **kwargs: Any) -> sa.Engine:
         """Create an Engine for this database through ``evals_orm.create_engine``."""
         return create_engine(self.url, auth_token=self.auth_token, **kwargs)
 

@@ -78,7 +78,10 @@ import sqlalchemy as sa
 from evals_orm.types import GUID
 
 metadata = sa.MetaData()
-columns = [sa.Column("id", sa.Integer, primary_key=True), sa.Column("name", sa.Text, nullable=False)]
+columns = [
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+]
 if os.environ.get("HOST_STUDY_REFERENCE"):
     columns.append(sa.Column("study_id", GUID(), nullable=True))
 items = sa.Table("host_items", metadata, *columns)
@@ -188,7 +191,17 @@ def test_recipe_separate_step(database: Database, tmp_path: Path) -> None:
     _ok(_run("alembic", "-n", "evals_orm", "check", cwd=project, database=database))
     _ok(_run("alembic", "-n", "evals_orm", "downgrade", "base", cwd=project, database=database))
     assert set() == OUR_TABLES & _tables(engine)
-    _ok(_run("alembic", "-n", "evals_orm", "upgrade", "evals_orm@head", cwd=project, database=database))
+    _ok(
+        _run(
+            "alembic",
+            "-n",
+            "evals_orm",
+            "upgrade",
+            "evals_orm@head",
+            cwd=project,
+            database=database,
+        )
+    )
     assert ([("0001",)], [(HEAD,)]) == _versions(engine)
     assert {"host_items", *OUR_TABLES} <= _tables(engine)
     engine.dispose()
@@ -208,7 +221,9 @@ def test_recipe_one_host_upgrade(database: Database, tmp_path: Path, where: str)
     assert ([("0001",)], [(HEAD,)]) == _versions(engine)
     assert {"host_items", *OUR_TABLES} <= _tables(engine)
 
-    _ok(_run("alembic", "-x", f"evals={where}", "downgrade", "base", cwd=project, database=database))
+    _ok(
+        _run("alembic", "-x", f"evals={where}", "downgrade", "base", cwd=project, database=database)
+    )
     assert ([], [(HEAD,)]) == _versions(engine)
     assert "host_items" not in _tables(engine)
     assert OUR_TABLES <= _tables(engine)
@@ -386,4 +401,3 @@ def test_host_autogenerate_leaves_our_tables_alone(database: Database, tmp_path:
     columns = [column["name"] for column in sa.inspect(engine).get_columns("host_items")]
     assert ["id", "name", "study_id"] == columns
     engine.dispose()
-

@@ -369,7 +369,7 @@ def test_upgrade_on_a_connection_commits_only_its_own_transaction(database: Data
 
 
 def test_a_schema_is_a_configuration_error_without_postgresql(database: Database) -> None:
-    """create_engine(url, schema=...) on SQLite or libSQL says in one sentence it needs PostgreSQL."""
+    """create_engine(url, schema=...) on SQLite or libSQL says in a sentence it needs PostgreSQL."""
     if database.backend == "postgresql":
         pytest.skip("PostgreSQL has schemas")
     with pytest.raises(ConfigurationError, match=r"^a schema is only supported on PostgreSQL"):
