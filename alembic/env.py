@@ -34,10 +34,8 @@ if (
 
 
 def _only_ours(name: str | None, type_: str, _parent_names: Any) -> bool:
-    """Let autogenerate see only evals_orm's tables, never the host app's."""
-    if type_ == "table":
-        return name in metadata.tables or name == VERSION_TABLE
-    return True
+    """Let autogenerate see only evals_orm's tables: not the host app's, not the version table."""
+    return type_ != "table" or name in metadata.tables
 
 
 def _configure(schema: str | None, **kwargs: Any) -> None:
@@ -154,11 +152,29 @@ def _rename_old_revisions(connection: sa.Connection, schema: str | None) -> None
         )
 
 
+@contextmanager
+def _default_schema(connection: sa.Connection, schema: str | None) -> Iterator[None]:
+    """Create ``schema`` and make it the transaction's search path for the block.
+
+    The engine's ``schema_translate_map`` reaches the DDL but not Alembic's
+    reflection, so autogenerate and ``alembic check`` would look in the
+    wrong schema. The caller's search path comes back afterwards; after an
+    error the rollback restores it.
+    """
+    if schema is None:
+        yield
+        return
+    connection.execute(sa.schema.CreateSchema(schema, if_not_exists=True))
+    previous = connection.scalar(sa.select(sa.func.current_setting("search_path")))
+    quoted = connection.dialect.identifier_preparer.quote_schema(schema)
+    connection.execute(sa.select(sa.func.set_config("search_path", quoted, True)))
+    yield
+    connection.execute(sa.select(sa.func.set_config("search_path", previous, True)))
+
+
 def _run_on(connection: sa.Connection) -> None:
     schema = schema_of(connection)
-    with _serialized(connection, schema):
-        if schema is not None:
-            connection.execute(sa.schema.CreateSchema(schema, if_not_exists=True))
+    with _serialized(connection, schema), _default_schema(connection, schema):
         _rename_old_revisions(connection, schema)
         # Configured inside the transaction, so Alembic leaves it to us.
         _configure(

@@ -120,17 +120,19 @@ sqlalchemy.url = {url}
 [evals_orm]
 script_location = {location}
 sqlalchemy.url = {url}
+{evals_options}
 """
 
 
-def _host_project(tmp_path: Path, url: str) -> Path:
+def _host_project(tmp_path: Path, url: str, evals_options: str = "") -> Path:
     """Write a host Alembic project whose database is ``url``; return its directory."""
     project = tmp_path / "host"
     versions = project / "migrations" / "versions"
     versions.mkdir(parents=True)
     escaped = url.replace("%", "%%")
     location = migrations.SCRIPT_LOCATION
-    (project / "alembic.ini").write_text(HOST_INI.format(url=escaped, location=location))
+    ini = HOST_INI.format(url=escaped, location=location, evals_options=evals_options)
+    (project / "alembic.ini").write_text(ini)
     (project / "host_models.py").write_text(HOST_MODELS)
     (project / "migrations" / "env.py").write_text(HOST_ENV)
     (versions / "0001_host.py").write_text(HOST_REVISION)
@@ -204,6 +206,28 @@ def test_recipe_separate_step(database: Database, tmp_path: Path) -> None:
     )
     assert ([("0001",)], [(HEAD,)]) == _versions(engine)
     assert {"host_items", *OUR_TABLES} <= _tables(engine)
+    engine.dispose()
+
+
+def test_recipe_separate_step_in_a_postgresql_schema(database: Database, tmp_path: Path) -> None:
+    """An ini section with ``schema = evals`` migrates, reports and checks the package there."""
+    if database.backend != "postgresql":
+        pytest.skip("schemas are PostgreSQL's")
+    project = _host_project(tmp_path, database.url, "schema = evals")
+    _ok(_run("alembic", "-n", "evals_orm", "upgrade", "head", cwd=project, database=database))
+    _ok(_run("alembic", "upgrade", "head", cwd=project, database=database))
+    assert f"{HEAD} (head)" in _ok(
+        _run("alembic", "-n", "evals_orm", "current", cwd=project, database=database)
+    )
+    _ok(_run("alembic", "-n", "evals_orm", "check", cwd=project, database=database))
+    engine = database.engine()
+    assert {"alembic_version", "host_items"} == _tables(engine)
+    assert {migrations.VERSION_TABLE, *OUR_TABLES} == set(
+        sa.inspect(engine).get_table_names("evals")
+    )
+    in_schema = database.engine(schema="evals")
+    assert HEAD == migrations.current(in_schema)
+    in_schema.dispose()
     engine.dispose()
 
 
