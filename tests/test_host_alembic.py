@@ -254,6 +254,33 @@ def test_recipe_one_host_upgrade(database: Database, tmp_path: Path, where: str)
     engine.dispose()
 
 
+def test_recipe_versions_inside_the_host_tree(database: Database, tmp_path: Path) -> None:
+    """The package's versions in the host's version_locations: one tree, two branches.
+
+    `alembic upgrade heads` applies both histories and records both revisions
+    in the host's own alembic_version; `evals_orm@head` names the package's.
+    """
+    project = _host_project(tmp_path, database.url)
+    ini = project / "alembic.ini"
+    versions = migrations.script_location() / "versions"
+    ini.write_text(
+        ini.read_text().replace(
+            "path_separator = os\n",
+            "path_separator = newline\n"
+            f"version_locations =\n    %(here)s/migrations/versions\n    {versions}\n",
+        )
+    )
+    _ok(_run("alembic", "upgrade", "evals_orm@head", cwd=project, database=database))
+    _ok(_run("alembic", "upgrade", "heads", cwd=project, database=database))
+    engine = database.engine()
+    assert [("0001",), (HEAD,)] == sorted(
+        raw_rows(engine, "SELECT version_num FROM alembic_version")
+    )
+    assert {"host_items", *OUR_TABLES} <= _tables(engine)
+    assert migrations.VERSION_TABLE not in _tables(engine)
+    engine.dispose()
+
+
 def _apply_script(database: Database, script: str, tmp_path: Path) -> sa.Engine:
     """Run an SQL script with the backend's own command line client; return an Engine on it."""
     if database.backend == "postgresql":
