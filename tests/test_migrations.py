@@ -424,3 +424,23 @@ def test_two_postgresql_schemas_are_independent_installations(database: Database
     assert HEAD == migrations.current(second)
     for engine in (first, second, public):
         engine.dispose()
+
+
+def test_the_autogenerate_filters_hide_only_our_objects() -> None:
+    """include_name/include_object refuse our tables, indexes and version table, pass the host's."""
+    host = sa.Table("host_items", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True))
+    studies = metadata.tables["studies"]
+    (index,) = metadata.tables["checkpoints"].indexes
+    assert [False, False, False, True, True] == [
+        migrations.include_name("studies", "table", {}),
+        migrations.include_name(migrations.VERSION_TABLE, "table", {}),
+        migrations.include_name(index.name, "index", {"table_name": "checkpoints"}),
+        migrations.include_name("host_items", "table", {}),
+        migrations.include_name("evals", "schema", {}),
+    ]
+    assert [False, False, False, True] == [
+        migrations.include_object(studies, "studies", "table", False, None),
+        migrations.include_object(index, index.name, "index", False, None),
+        migrations.include_object(studies.c.name, "name", "column", False, None),
+        migrations.include_object(host, "host_items", "table", False, None),
+    ]
