@@ -78,12 +78,18 @@ def run_migrations_offline() -> None:
     """
     engine = _engine()
     schema = schema_of(engine)
+    options: dict[str, Any] = {}
+    if engine.dialect.name == "sqlite":
+        # SQLite's DDL is transactional, though Alembic does not assume it:
+        # a script that fails halfway then leaves nothing behind.
+        options["transactional_ddl"] = True
     _configure(
         schema,
         dialect_name=engine.dialect.name,
         literal_binds=True,
         render_as_batch=False,
         dialect_opts={"paramstyle": "named"},
+        **options,
     )
     with context.begin_transaction():
         if schema is not None:

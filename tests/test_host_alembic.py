@@ -366,7 +366,7 @@ def _schema(engine: sa.Engine, schema: str | None = None) -> list[tuple[object, 
 def test_offline_sql_gives_the_online_schema(database: Database, tmp_path: Path) -> None:
     """`evals-orm db upgrade --sql` prints only SQL, connects to nothing, and builds the schema.
 
-    The script applied with sqlite3/psql to an empty database gives the same
+    The script, one transaction, applied with sqlite3/psql to an empty database gives the same
     tables, columns, indexes and version row as an online upgrade; for remote
     libSQL it is SQLite's script, made without reaching the server.
     """
@@ -374,6 +374,8 @@ def test_offline_sql_gives_the_online_schema(database: Database, tmp_path: Path)
     script = _ok(_run("evals-orm", *args, cwd=tmp_path, database=database))
     assert not (tmp_path / "test.db").exists()
     assert "CREATE TABLE studies" in script
+    # One transaction: a script that fails halfway leaves nothing behind.
+    assert (True, True) == (script.startswith("BEGIN;"), script.rstrip().endswith("COMMIT;"))
 
     if database.backend == "libsql-remote":
         unreachable = ("--url", "http://127.0.0.1:9", "db", "upgrade", "--sql")
