@@ -366,9 +366,10 @@ def _schema(engine: sa.Engine, schema: str | None = None) -> list[tuple[object, 
 def test_offline_sql_gives_the_online_schema(database: Database, tmp_path: Path) -> None:
     """`evals-orm db upgrade --sql` prints only SQL, connects to nothing, and builds the schema.
 
-    The script, one transaction, applied with sqlite3/psql to an empty database gives the same
-    tables, columns, indexes and version row as an online upgrade; for remote
-    libSQL it is SQLite's script, made without reaching the server.
+    The script is one transaction; applied with sqlite3/psql to an empty
+    database it gives the same tables, columns, indexes and version row as an
+    online upgrade. For remote libSQL it is SQLite's script, made without
+    reaching the server.
     """
     args = ("--url", database.url, "db", "upgrade", "--sql")
     script = _ok(_run("evals-orm", *args, cwd=tmp_path, database=database))
