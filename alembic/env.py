@@ -101,10 +101,11 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
-def _lock_key(schema: str | None) -> int:
-    """Return the advisory lock of one installation: its schema's, so two never wait."""
+def _lock_postgresql(connection: sa.Connection, schema: str | None) -> None:
+    """Take the transaction's advisory lock of one installation: its schema's, so two never wait."""
     digest = hashlib.blake2b(f"evals_orm migrations {schema or ''}".encode(), digest_size=8)
-    return int.from_bytes(digest.digest(), "big", signed=True)
+    key = int.from_bytes(digest.digest(), "big", signed=True)
+    connection.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
 
 
 @contextmanager
@@ -118,7 +119,7 @@ def _serialized(connection: sa.Connection, schema: str | None) -> Iterator[None]
     dialect = connection.dialect.name
     if connection.in_transaction():
         if dialect == "postgresql":
-            connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(schema))))
+            _lock_postgresql(connection, schema)
         yield
         return
     local_sqlite = dialect == "sqlite" and not connection.engine.url.host
@@ -130,7 +131,7 @@ def _serialized(connection: sa.Connection, schema: str | None) -> Iterator[None]
         connection.commit()
     try:
         if dialect == "postgresql":
-            connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(schema))))
+            _lock_postgresql(connection, schema)
         elif dialect == "sqlite":
             connection.exec_driver_sql("BEGIN IMMEDIATE")
         else:
