@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import sqlalchemy as sa
 from alembic import command
@@ -27,6 +27,10 @@ from alembic.runtime.migration import MigrationContext
 
 from evals_orm.engine import create_engine
 from evals_orm.models import metadata
+
+if TYPE_CHECKING:
+    from alembic.runtime.environment import NameFilterParentNames, NameFilterType
+    from sqlalchemy.schema import SchemaItem
 
 __all__ = [
     "BRANCH",
@@ -175,7 +179,9 @@ def _current_on(connection: sa.Connection) -> str | None:
     return RENAMED_REVISIONS.get(revision, revision) if revision is not None else None
 
 
-def include_name(name: str | None, type_: str, parent_names: dict[str, str | None]) -> bool:
+def include_name(
+    name: str | None, type_: NameFilterType, parent_names: NameFilterParentNames
+) -> bool:
     """Hide evals_orm's tables, their indexes and its version table from a host's autogenerate.
 
     Pass it as ``include_name=`` to the host's ``context.configure``.
@@ -186,7 +192,11 @@ def include_name(name: str | None, type_: str, parent_names: dict[str, str | Non
 
 
 def include_object(
-    object_: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+    object_: SchemaItem,
+    name: str | None,
+    type_: NameFilterType,
+    reflected: bool,
+    compare_to: SchemaItem | None,
 ) -> bool:
     """Hide evals_orm's objects from a host's autogenerate, also when its metadata holds them.
 

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
+from alembic.runtime.environment import IncludeNameFn, IncludeObjectFn, RenderItemFn
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from conftest import Database
@@ -428,6 +429,13 @@ def test_two_postgresql_schemas_are_independent_installations(database: Database
 
 def test_the_autogenerate_filters_hide_only_our_objects() -> None:
     """include_name/include_object refuse our tables, indexes and version table, pass the host's."""
+    # A host's env.py passes them to context.configure, typed as Alembic expects.
+    filters: tuple[IncludeNameFn, IncludeObjectFn, RenderItemFn] = (
+        migrations.include_name,
+        migrations.include_object,
+        migrations.render_item,
+    )
+    assert all(callable(function) for function in filters)
     host = sa.Table("host_items", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True))
     studies = metadata.tables["studies"]
     (index,) = metadata.tables["checkpoints"].indexes
