@@ -263,7 +263,7 @@ def test_recipe_versions_inside_the_host_tree(database: Database, tmp_path: Path
     """
     project = _host_project(tmp_path, database.url)
     ini = project / "alembic.ini"
-    versions = migrations.script_location() / "versions"
+    versions = f"{migrations.SCRIPT_LOCATION}/versions"  # evals_orm:_alembic/versions, installed
     ini.write_text(
         ini.read_text().replace(
             "path_separator = os\n",
