@@ -160,6 +160,13 @@ def _run(
     )
 
 
+def _alembic(
+    project: Path, database: Database, *args: str, env: dict[str, str] | None = None
+) -> str:
+    """Run the host project's `alembic` command; return its stdout, failing on an error."""
+    return _ok(_run("alembic", *args, cwd=project, database=database, extra_env=env))
+
+
 def _ok(result: subprocess.CompletedProcess[str]) -> str:
     assert 0 == result.returncode, result.stdout + result.stderr
     return result.stdout
@@ -184,27 +191,15 @@ def test_recipe_separate_step(database: Database, tmp_path: Path) -> None:
     """
     project = _host_project(tmp_path, database.url)
     _ok(_run("evals-orm", "--url", database.url, "db", "upgrade", cwd=project, database=database))
-    _ok(_run("alembic", "upgrade", "head", cwd=project, database=database))
+    _alembic(project, database, "upgrade", "head")
     engine = database.engine()
     assert ([("0001",)], [(HEAD,)]) == _versions(engine)
 
-    assert f"{HEAD} (head)" in _ok(
-        _run("alembic", "-n", "evals_orm", "current", cwd=project, database=database)
-    )
-    _ok(_run("alembic", "-n", "evals_orm", "check", cwd=project, database=database))
-    _ok(_run("alembic", "-n", "evals_orm", "downgrade", "base", cwd=project, database=database))
+    assert f"{HEAD} (head)" in _alembic(project, database, "-n", "evals_orm", "current")
+    _alembic(project, database, "-n", "evals_orm", "check")
+    _alembic(project, database, "-n", "evals_orm", "downgrade", "base")
     assert set() == OUR_TABLES & _tables(engine)
-    _ok(
-        _run(
-            "alembic",
-            "-n",
-            "evals_orm",
-            "upgrade",
-            "evals_orm@head",
-            cwd=project,
-            database=database,
-        )
-    )
+    _alembic(project, database, "-n", "evals_orm", "upgrade", "evals_orm@head")
     assert ([("0001",)], [(HEAD,)]) == _versions(engine)
     assert {"host_items", *OUR_TABLES} <= _tables(engine)
     engine.dispose()
@@ -215,12 +210,10 @@ def test_recipe_separate_step_in_a_postgresql_schema(database: Database, tmp_pat
     if database.backend != "postgresql":
         pytest.skip("schemas are PostgreSQL's")
     project = _host_project(tmp_path, database.url, "schema = evals")
-    _ok(_run("alembic", "-n", "evals_orm", "upgrade", "head", cwd=project, database=database))
-    _ok(_run("alembic", "upgrade", "head", cwd=project, database=database))
-    assert f"{HEAD} (head)" in _ok(
-        _run("alembic", "-n", "evals_orm", "current", cwd=project, database=database)
-    )
-    _ok(_run("alembic", "-n", "evals_orm", "check", cwd=project, database=database))
+    _alembic(project, database, "-n", "evals_orm", "upgrade", "head")
+    _alembic(project, database, "upgrade", "head")
+    assert f"{HEAD} (head)" in _alembic(project, database, "-n", "evals_orm", "current")
+    _alembic(project, database, "-n", "evals_orm", "check")
     engine = database.engine()
     assert {"alembic_version", "host_items"} == _tables(engine)
     assert {migrations.VERSION_TABLE, *OUR_TABLES} == set(
@@ -241,14 +234,12 @@ def test_recipe_one_host_upgrade(database: Database, tmp_path: Path, where: str)
     version table; the host's downgrade then undoes only the host's tables.
     """
     project = _host_project(tmp_path, database.url)
-    _ok(_run("alembic", "-x", f"evals={where}", "upgrade", "head", cwd=project, database=database))
+    _alembic(project, database, "-x", f"evals={where}", "upgrade", "head")
     engine = database.engine()
     assert ([("0001",)], [(HEAD,)]) == _versions(engine)
     assert {"host_items", *OUR_TABLES} <= _tables(engine)
 
-    _ok(
-        _run("alembic", "-x", f"evals={where}", "downgrade", "base", cwd=project, database=database)
-    )
+    _alembic(project, database, "-x", f"evals={where}", "downgrade", "base")
     assert ([], [(HEAD,)]) == _versions(engine)
     assert "host_items" not in _tables(engine)
     assert OUR_TABLES <= _tables(engine)
@@ -271,8 +262,8 @@ def test_recipe_versions_inside_the_host_tree(database: Database, tmp_path: Path
             f"version_locations =\n    %(here)s/migrations/versions\n    {versions}\n",
         )
     )
-    _ok(_run("alembic", "upgrade", "evals_orm@head", cwd=project, database=database))
-    _ok(_run("alembic", "upgrade", "heads", cwd=project, database=database))
+    _alembic(project, database, "upgrade", "evals_orm@head")
+    _alembic(project, database, "upgrade", "heads")
     engine = database.engine()
     assert [("0001",), (HEAD,)] == sorted(
         raw_rows(engine, "SELECT version_num FROM alembic_version")
@@ -321,7 +312,7 @@ def test_recipe_one_host_upgrade_offline(database: Database, tmp_path: Path, whe
     _offline_capable(database)
     project = _host_project(tmp_path, database.url)
     args = ("-x", f"evals={where}", "upgrade", "head", "--sql")
-    script = _ok(_run("alembic", *args, cwd=project, database=database))
+    script = _alembic(project, database, *args)
     assert not (tmp_path / "test.db").exists()
 
     engine = _apply_script(database, script, tmp_path)
@@ -432,7 +423,7 @@ def _autogenerate(
     versions = project / "migrations" / "versions"
     before = set(versions.glob("*.py"))
     args = (*options, "revision", "--autogenerate", "-m", "auto")
-    _ok(_run("alembic", *args, cwd=project, database=database, extra_env=env))
+    _alembic(project, database, *args, env=env)
     (script,) = set(versions.glob("*.py")) - before
     text = script.read_text()
     script.unlink()
@@ -453,7 +444,7 @@ def test_host_autogenerate_leaves_our_tables_alone(database: Database, tmp_path:
     generated migration runs.
     """
     project = _host_project(tmp_path, database.url)
-    _ok(_run("alembic", "-x", "evals=after", "upgrade", "head", cwd=project, database=database))
+    _alembic(project, database, "-x", "evals=after", "upgrade", "head")
 
     script = _autogenerate(project, database)
     for function in ("upgrade", "downgrade"):
@@ -469,7 +460,7 @@ def test_host_autogenerate_leaves_our_tables_alone(database: Database, tmp_path:
     assert "import evals_orm.types" in script
     assert "sa.Column('study_id', evals_orm.types.GUID(), nullable=True)" in script
     (versions / "0002_study_reference.py").write_text(script)
-    _ok(_run("alembic", "upgrade", "head", cwd=project, database=database, extra_env=reference))
+    _alembic(project, database, "upgrade", "head", env=reference)
     engine = database.engine()
     columns = [column["name"] for column in sa.inspect(engine).get_columns("host_items")]
     assert ["id", "name", "study_id"] == columns
