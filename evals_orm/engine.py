@@ -14,7 +14,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import ConnectionPoolEntry, QueuePool, StaticPool
 
 from evals_orm._writer import install as install_writer_slot
-from evals_orm.errors import ConfigurationError
+from evals_orm.errors import ConfigurationError, DatabaseError
 
 __all__ = ["create_engine"]
 
@@ -23,8 +23,24 @@ CACHE_KIB = 64 * 1024
 REMOTE_POOL_RECYCLE_S = 5
 _SUPPORTED = (
     "sqlite:///PATH, sqlite://, sqlite+libsql:///PATH, sqlite+libsql://, "
-    "libsql://HOST, https://HOST, http://HOST:PORT or postgresql://..."
+    "libsql://HOST, https://HOST, http://HOST:PORT, postgresql://..., "
+    "mysql://... or mariadb://..."
 )
+# MariaDB/MySQL: the bare schemes get PyMySQL (pure Python, so it installs
+# everywhere); explicit drivers are used as given.
+_MYSQL_DEFAULT_DRIVER = {"mysql": "mysql+pymysql", "mariadb": "mariadb+pymysql"}
+_MYSQL_DRIVERS = {
+    "pymysql": "evals-orm[mysql]",
+    "mysqldb": "mysqlclient",
+    "mariadbconnector": "mariadb",
+    "mysqlconnector": "mysql-connector-python",
+}
+# Below this the server lacks what the schema needs (enforced CHECKs, say).
+_MARIADB_MIN = (10, 4)
+_MYSQL_MIN = (8, 0, 16)
+# Under MySQL's default 8-hour wait_timeout, so the pool never hands out a
+# connection the server has dropped.
+MYSQL_POOL_RECYCLE_S = 3600
 _TOKEN_QUERY_KEYS = ("authToken", "auth_token")
 _TRUE = ("1", "true", "yes", "on")
 
@@ -69,13 +85,15 @@ def create_engine(
         if schema is not None:
             engine_kwargs = _in_schema(schema, engine_kwargs)
         engine = sa.create_engine(parsed.set(drivername="postgresql+psycopg"), **engine_kwargs)
+    elif parsed.get_backend_name() in _MYSQL_DEFAULT_DRIVER:
+        engine = _mysql_engine(parsed, engine_kwargs)
     else:
         raise ConfigurationError(
             f"unsupported database URL scheme {scheme!r}; expected {_SUPPORTED}"
         )
     if schema is not None and engine.dialect.name != "postgresql":
         raise ConfigurationError(
-            "a schema is only supported on PostgreSQL, not on SQLite or libSQL"
+            "a schema is only supported on PostgreSQL, not on SQLite, libSQL or MariaDB/MySQL"
         )
     if auth_token is not None and not (engine.dialect.driver == "libsql" and engine.url.host):
         raise ConfigurationError("auth_token is only used with a remote libSQL URL")
@@ -93,6 +111,59 @@ def _in_schema(schema: str, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     options = {**engine_kwargs.get("execution_options", {})}
     options["schema_translate_map"] = {None: schema}
     return {**engine_kwargs, "execution_options": options}
+
+
+def _mysql_engine(url: URL, engine_kwargs: dict[str, Any]) -> Engine:
+    """Create an Engine for MariaDB/MySQL: utf8mb4, strict SQL mode, a recycled pool."""
+    url = url.set(drivername=_MYSQL_DEFAULT_DRIVER.get(url.drivername, url.drivername))
+    driver = url.get_driver_name()
+    if driver in ("pymysql", "mysqldb") and "charset" not in url.query:
+        # Every Unicode string, 4-byte emoji included.
+        url = url.update_query_dict({"charset": "utf8mb4"})
+    kwargs = {"pool_recycle": MYSQL_POOL_RECYCLE_S, **engine_kwargs}
+    try:
+        engine = sa.create_engine(url, **kwargs)
+    except ImportError:
+        package = _MYSQL_DRIVERS.get(driver, driver)
+        raise ConfigurationError(
+            f"the {driver} driver of {url.drivername}:// is not installed; "
+            f"install {package}"
+        ) from None
+    event.listen(engine, "first_connect", _check_mysql_server)
+    event.listen(engine, "connect", _strict_mysql_session)
+    return engine
+
+
+def _check_mysql_server(dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+    """Refuse a server too old for the schema, in one sentence."""
+    del record
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SELECT VERSION()")
+        version = str(cursor.fetchone()[0])
+    finally:
+        cursor.close()
+    mariadb = "mariadb" in version.lower()
+    needed = _MARIADB_MIN if mariadb else _MYSQL_MIN
+    numbers = tuple(int(part) for part in version.split("-")[0].split(".")[:3] if part.isdigit())
+    if numbers < needed:
+        raise DatabaseError(
+            f"evals_orm needs {'MariaDB' if mariadb else 'MySQL'} "
+            f"{'.'.join(map(str, needed))} or newer; this server is {version}"
+        )
+
+
+def _strict_mysql_session(dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+    # Strict mode makes a value the column cannot hold an error instead of a
+    # silently truncated row, whatever the server's default.
+    del record
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(
+            "SET SESSION sql_mode = TRIM(BOTH ',' FROM CONCAT(@@sql_mode, ',STRICT_ALL_TABLES'))"
+        )
+    finally:
+        cursor.close()
 
 
 def _sqlite_engine(url: URL, engine_kwargs: dict[str, Any]) -> Engine:
