@@ -388,7 +388,7 @@ USAGE_ERRORS = [
         "--from must not be later than --to",
     ),
     (["ingest", "missing.jsonl"], "cannot read missing.jsonl: No such file or directory"),
-    (["--url", "mysql://localhost/x", "studies"], "unsupported database URL scheme"),
+    (["--url", "oracle://localhost/x", "studies"], "unsupported database URL scheme"),
     (["db", "downgrade"], "the following arguments are required: REV"),
 ]
 

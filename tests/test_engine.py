@@ -42,6 +42,13 @@ def _equivalent_urls(database: Database) -> list[str]:
             f"libsql://{host}?secure=false",
         ]
     rest = database.url.split("://", 1)[1]
+    if database.backend == "mariadb":
+        return [
+            f"mysql://{rest}",
+            f"mysql+pymysql://{rest}",
+            f"mariadb://{rest}",
+            f"mariadb+pymysql://{rest}",
+        ]
     return [f"postgresql://{rest}", f"postgres://{rest}", f"postgresql+psycopg://{rest}"]
 
 
@@ -80,6 +87,10 @@ def test_every_url_form_reaches_the_same_database(database: Database) -> None:
         ),
         ("postgresql://u@h/db", "postgresql+psycopg://u@h/db", "QueuePool"),
         ("postgres://u@h/db", "postgresql+psycopg://u@h/db", "QueuePool"),
+        ("mysql://u@h/db", "mysql+pymysql://u@h/db?charset=utf8mb4", "QueuePool"),
+        ("mariadb://u@h/db", "mariadb+pymysql://u@h/db?charset=utf8mb4", "QueuePool"),
+        ("mysql+pymysql://u@h/db", "mysql+pymysql://u@h/db?charset=utf8mb4", "QueuePool"),
+        ("mysql://u@h/db?charset=latin1", "mysql+pymysql://u@h/db?charset=latin1", "QueuePool"),
     ],
 )
 def test_url_forms_map_to_driver_urls(url: str, expected_url: str, expected_pool: str) -> None:
@@ -92,7 +103,7 @@ def test_url_forms_map_to_driver_urls(url: str, expected_url: str, expected_pool
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("mysql://u@h/db", "unsupported database URL scheme 'mysql'"),
+        ("oracle://u@h/db", "unsupported database URL scheme 'oracle'"),
         ("nonsense", "cannot parse the database URL 'nonsense'"),
         ("libsql://", "needs a host"),
         ("https://", "needs a host"),
@@ -105,6 +116,18 @@ def test_bad_urls_raise_configuration_error(url: str, message: str) -> None:
     assert "sqlite+libsql:///PATH" in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "package"),
+    [("mysql+mysqldb://u@h/db", "mysqlclient"), ("mariadb+mariadbconnector://u@h/db", "mariadb")],
+)
+def test_an_explicit_mysql_driver_that_is_not_installed_says_what_to_install(
+    url: str, package: str
+) -> None:
+    """A MariaDB/MySQL URL naming an absent driver is a ConfigurationError naming its package."""
+    with pytest.raises(ConfigurationError, match=f"is not installed; install {package}$"):
+        create_engine(url)
+
+
 @pytest.mark.parametrize("url", ["sqlite:///x.db", "sqlite+libsql://", "postgresql://u@h/db"])
 def test_auth_token_with_a_local_url_is_a_configuration_error(url: str) -> None:
     """An auth token given for a non-remote URL is refused rather than silently ignored."""
@@ -114,8 +137,8 @@ def test_auth_token_with_a_local_url_is_a_configuration_error(url: str) -> None:
 
 def test_file_databases_get_foreign_keys_wal_and_busy_timeout(database: Database) -> None:
     """SQLite and libSQL connections run with foreign keys on, WAL and a busy timeout."""
-    if database.backend == "postgresql":
-        pytest.skip("SQLite pragmas do not exist on PostgreSQL")
+    if database.backend in ("postgresql", "mariadb"):
+        pytest.skip("SQLite pragmas do not exist on database servers")
     engine = database.engine()
     with engine.connect() as connection:
         actual = [
