@@ -387,9 +387,13 @@ def _mysql_schema(engine: sa.Engine) -> list[tuple[object, ...]]:
     return [
         row
         for query in queries
-        for row in raw_rows(
-            engine, f"{query} WHERE {'constraint' if 'check_clause' in query else 'table'}"
-            "_schema = DATABASE() ORDER BY 1, 2, 3"
+        for row in sorted(
+            raw_rows(
+                engine,
+                f"{query} WHERE {'constraint' if 'check_clause' in query else 'table'}"
+                "_schema = DATABASE()",
+            ),
+            key=repr,
         )
     ]
 
