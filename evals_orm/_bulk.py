@@ -90,14 +90,17 @@ def upsert_one(
     """Upsert one row (setting ``set_`` if ``key`` exists) and return its ``returning`` column.
 
     MySQL has no RETURNING on an upsert: the row is read back in the same
-    transaction, which the upsert's row lock keeps from changing meanwhile.
+    transaction, which the upsert's row lock keeps from changing meanwhile;
+    a locking read, so a REPEATABLE READ snapshot older than the lock cannot
+    hide its latest committed value.
     """
     statement = _upsert_statement(connection, entity, key=[key], set_=lambda _: set_)
     statement = statement.values(**values)
     if backend_of(connection.engine).family != "mysql":
         return connection.execute(statement.returning(returning)).scalar_one()
     connection.execute(statement)
-    return connection.execute(sa.select(returning).where(key == values[key.key])).scalar_one()
+    statement = sa.select(returning).where(key == values[key.key]).with_for_update()
+    return connection.execute(statement).scalar_one()
 
 
 def one_of(

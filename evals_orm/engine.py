@@ -114,13 +114,21 @@ def _in_schema(schema: str, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mysql_engine(url: URL, engine_kwargs: dict[str, Any]) -> Engine:
-    """Create an Engine for MariaDB/MySQL: utf8mb4, strict SQL mode, a recycled pool."""
+    """Create an Engine for MariaDB/MySQL: utf8mb4, strict mode, READ COMMITTED, a recycled pool."""
     url = url.set(drivername=_MYSQL_DEFAULT_DRIVER.get(url.drivername, url.drivername))
     driver = url.get_driver_name()
     if driver in ("pymysql", "mysqldb") and "charset" not in url.query:
         # Every Unicode string, 4-byte emoji included.
         url = url.update_query_dict({"charset": "utf8mb4"})
-    kwargs = {"pool_recycle": MYSQL_POOL_RECYCLE_S, **engine_kwargs}
+    # READ COMMITTED, PostgreSQL's default (and Django's on MySQL): a
+    # transaction that waited for a lock row - a host Session's too - then
+    # reads what its predecessor committed, not a snapshot taken before the
+    # wait (REPEATABLE READ would make it miss rows and insert them twice).
+    kwargs = {
+        "pool_recycle": MYSQL_POOL_RECYCLE_S,
+        "isolation_level": "READ COMMITTED",
+        **engine_kwargs,
+    }
     try:
         engine = sa.create_engine(url, **kwargs)
     except ImportError:
