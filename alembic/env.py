@@ -136,6 +136,30 @@ def _mysql_lock(connection: sa.Connection) -> Iterator[None]:
 
 
 @contextmanager
+def _serialized_mysql(connection: sa.Connection) -> Iterator[None]:
+    """``_serialized`` on MariaDB/MySQL: the named lock, then a transaction that reads fresh."""
+    if connection.in_transaction():
+        with _mysql_lock(connection):
+            yield
+        return
+    try:
+        with _mysql_lock(connection):
+            # The lock's SELECT began a transaction: a fresh one reads the
+            # version table as the previous holder left it.
+            connection.commit()
+            connection.begin()
+            try:
+                yield
+            except BaseException:
+                connection.rollback()
+                raise
+            connection.commit()
+    finally:
+        # Ends the transaction the lock's release began.
+        connection.commit()
+
+
+@contextmanager
 def _serialized(connection: sa.Connection, schema: str | None) -> Iterator[None]:
     """Run the block holding the database's migration lock, in a transaction.
 
@@ -144,32 +168,14 @@ def _serialized(connection: sa.Connection, schema: str | None) -> Iterator[None]
     transaction the caller opened, the block joins it and the caller commits.
     """
     dialect = connection.dialect.name
-    mysql = dialect in ("mysql", "mariadb")
+    if dialect in ("mysql", "mariadb"):
+        with _serialized_mysql(connection):
+            yield
+        return
     if connection.in_transaction():
         if dialect == "postgresql":
             _lock_postgresql(connection, schema)
-        if mysql:
-            with _mysql_lock(connection):
-                yield
-            return
         yield
-        return
-    if mysql:
-        try:
-            with _mysql_lock(connection):
-                # The lock's SELECT began a transaction: a fresh one reads the
-                # version table as the previous holder left it.
-                connection.commit()
-                connection.begin()
-                try:
-                    yield
-                except BaseException:
-                    connection.rollback()
-                    raise
-                connection.commit()
-        finally:
-            # Ends the transaction the lock's release began.
-            connection.commit()
         return
     local_sqlite = dialect == "sqlite" and not connection.engine.url.host
     if local_sqlite:

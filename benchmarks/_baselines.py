@@ -294,9 +294,7 @@ def table_digest(engine: sa.Engine) -> tuple[int, int, str]:
     with engine.connect() as connection:
         for table, columns in (("studies", _STUDY_COLUMNS), ("checkpoints", _CHECKPOINT_COLUMNS)):
             names = [name.strip() for name in columns.split(",")]
-            casts = ", ".join(
-                f"`{name}`" if mysql else f'CAST("{name}" AS TEXT)' for name in names
-            )
+            casts = ", ".join(f"`{name}`" if mysql else f'CAST("{name}" AS TEXT)' for name in names)
             rows = connection.exec_driver_sql(f"SELECT {casts} FROM {table} ORDER BY id").all()
             counts.append(len(rows))
             is_json = [name in _JSON_COLUMNS for name in names]

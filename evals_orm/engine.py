@@ -134,8 +134,7 @@ def _mysql_engine(url: URL, engine_kwargs: dict[str, Any]) -> Engine:
     except ImportError:
         package = _MYSQL_DRIVERS.get(driver, driver)
         raise ConfigurationError(
-            f"the {driver} driver of {url.drivername}:// is not installed; "
-            f"install {package}"
+            f"the {driver} driver of {url.drivername}:// is not installed; install {package}"
         ) from None
     event.listen(engine, "first_connect", _check_mysql_server)
     event.listen(engine, "connect", _strict_mysql_session)
@@ -148,12 +147,14 @@ def _check_mysql_server(dbapi_connection: DBAPIConnection, record: ConnectionPoo
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("SELECT VERSION()")
-        version = str(cursor.fetchone()[0])
+        row: Any = cursor.fetchone()
+        version = str(row[0])
     finally:
         cursor.close()
     mariadb = "mariadb" in version.lower()
     needed = _MARIADB_MIN if mariadb else _MYSQL_MIN
-    numbers = tuple(int(part) for part in version.split("-")[0].split(".")[:3] if part.isdigit())
+    release = version.split("-", maxsplit=1)[0]
+    numbers = tuple(int(part) for part in release.split(".")[:3] if part.isdigit())
     if numbers < needed:
         raise DatabaseError(
             f"evals_orm needs {'MariaDB' if mariadb else 'MySQL'} "

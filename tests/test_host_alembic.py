@@ -404,7 +404,9 @@ def _twin_mysql_database(database: Database) -> Iterator[sa.Engine]:
     url = sa.make_url(database.url)
     twin = f"{url.database}_twin"
     with database.engine().connect() as connection:
-        connection.exec_driver_sql(f"CREATE DATABASE `{twin}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+        connection.exec_driver_sql(
+            f"CREATE DATABASE `{twin}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        )
     engine = create_engine(url.set(database=twin))
     try:
         yield engine

@@ -15,14 +15,19 @@ from sqlalchemy.orm import sessionmaker
 from evals_orm import (
     Checkpoint,
     CheckpointId,
+    CheckpointRecorded,
     DatabaseError,
     EvalsError,
     EvalStorage,
     PeriodType,
     SchemaMissingError,
+    SqlEvalProjection,
     SqlEvalStorage,
+    SqlEventLog,
+    StoredEvalEvent,
     Study,
     StudyConfig,
+    StudyCreated,
     StudyId,
     StudyStatus,
     UnreachableError,
@@ -283,3 +288,52 @@ def test_checkpoint_counts_counts_each_studys_checkpoints(migrated: sa.Engine) -
         ],
     )
     assert {first.id: 3, second.id: 1} == SqlEvalStorage(migrated).checkpoint_counts()
+
+
+# Four-byte UTF-8 (emoji, a musical symbol, a CJK extension B ideograph), which
+# MySQL's three-byte "utf8" cannot hold, next to two- and three-byte characters.
+ASTRAL = "study 😀 𝄞 𠀋 é ✓"
+
+
+def test_four_byte_unicode_round_trips_through_log_projection_and_reads(
+    migrated: sa.Engine,
+) -> None:
+    """Strings with 4-byte characters come back unchanged from the log and from every read."""
+    study_id, checkpoint_id = StudyId(uuid7()), CheckpointId(uuid7())
+    config = StudyConfig(ASTRAL, (ASTRAL, "🧪"), {"🔑": ASTRAL})
+    stream = [
+        StoredEvalEvent.new(StudyCreated(study_id, ASTRAL, PeriodType.DAILY, None, config)),
+        StoredEvalEvent.new(
+            CheckpointRecorded(checkpoint_id, study_id, T0, metrics(), 1, ("s-😀", ASTRAL))
+        ),
+    ]
+    log = SqlEventLog(migrated)
+    assert 2 == log.append(stream, projection=SqlEvalProjection(migrated))
+
+    assert stream == list(log.read())
+    study = SqlEvalStorage(migrated).get_study(study_id)
+    assert study is not None
+    assert (ASTRAL, config) == (study.name, study.config)
+    [checkpoint] = SqlEvalStorage(migrated).get_checkpoints(study_id)
+    assert ("s-😀", ASTRAL) == tuple(checkpoint.sessions_included)
+
+
+def test_any_128_bit_id_is_stored_and_sorts_like_uuid(migrated: sa.Engine) -> None:
+    """Ids of every version and variant (not only RFC 9562 ones) round-trip, in UUID order.
+
+    MariaDB's own UUID type would reject the NCS-variant ids with a high
+    version nibble and sort differently; the stored order must be Python's.
+    """
+    ids = [
+        UUID(int=0),
+        UUID(int=2**128 - 1),
+        UUID("ffffffff-ffff-8fff-0fff-ffffffffffff"),  # version nibble 8, NCS variant
+        UUID("00000000-0000-f000-7000-000000000001"),
+        UUID("80000000-0000-0000-0000-000000000000"),
+        UUID("7fffffff-ffff-ffff-ffff-ffffffffffff"),
+        UUID("0192d5e0-8c40-7000-8000-000000000001"),
+    ]
+    seed(migrated, [study_row(id=value, created_at=T0) for value in ids])
+
+    listed = [study.id for study in SqlEvalStorage(migrated).list_studies()]
+    assert sorted(ids, reverse=True) == listed

@@ -122,7 +122,7 @@ def test_aware_datetimes_come_back_in_utc(migrated: sa.Engine) -> None:
 
 
 def test_uuids_are_lowercase_text(migrated: sa.Engine) -> None:
-    """UUIDs are lowercase hyphenated text on SQLite/libSQL, uuid on PostgreSQL, BINARY(16) on MariaDB."""
+    """UUIDs: lowercase hyphenated text on SQLite/libSQL, uuid on PostgreSQL, bytes on MariaDB."""
     study_id = UUID("ABCDEF01-2345-7789-ABCD-EF0123456789")
     seed(migrated, [study_row(id=study_id)])
 
