@@ -9,6 +9,7 @@ from uuid import UUID
 
 import pytest
 import sqlalchemy as sa
+from conftest import Database
 from sqlalchemy import event
 from sqlalchemy.orm import sessionmaker
 
@@ -16,6 +17,7 @@ from evals_orm import (
     Checkpoint,
     CheckpointId,
     CheckpointRecorded,
+    CredentialsError,
     DatabaseError,
     EvalsError,
     EvalStorage,
@@ -232,13 +234,14 @@ def _closed_port() -> int:
     "url",
     [
         "postgresql://postgres@127.0.0.1:{port}/x",
+        "mysql://root@127.0.0.1:{port}/x",
         "http://127.0.0.1:{port}",
         "libsql://127.0.0.1:{port}?tls=0",
     ],
 )
 def test_unreachable_database_raises_a_helpful_error(url: str) -> None:
     """A closed port raises DatabaseError saying the database is unreachable, without the token."""
-    token = None if url.startswith("postgresql") else "very-secret-token-123"
+    token = None if url.startswith(("postgresql", "mysql")) else "very-secret-token-123"
     engine = create_engine(url.format(port=_closed_port()), auth_token=token)
     with pytest.raises(UnreachableError, match="cannot reach the database") as raised:
         SqlEvalStorage(engine).get_study(StudyId(uuid7()))
@@ -337,3 +340,18 @@ def test_any_128_bit_id_is_stored_and_sorts_like_uuid(migrated: sa.Engine) -> No
 
     listed = [study.id for study in SqlEvalStorage(migrated).list_studies()]
     assert sorted(ids, reverse=True) == listed
+
+
+def test_mariadb_wrong_password_and_missing_database_say_what_to_do(database: Database) -> None:
+    """A refused password (never shown) and a missing database are one-sentence DatabaseErrors."""
+    if database.backend != "mariadb":
+        pytest.skip("the password and database name of a MariaDB server")
+    url = sa.make_url(database.url)
+    wrong = create_engine(url.set(password="not-the-password-42"))
+    with pytest.raises(CredentialsError, match="refused the credentials") as refused:
+        SqlEvalStorage(wrong).list_studies()
+    assert "not-the-password-42" not in str(refused.value)
+    missing = create_engine(url.set(database=f"{url.database}_missing"))
+    with pytest.raises(DatabaseError, match=f"'{url.database}_missing' does not exist") as absent:
+        SqlEvalStorage(missing).list_studies()
+    assert [1, 1] == [len(str(error.value).splitlines()) for error in (refused, absent)]
