@@ -1,107 +1,265 @@
-"""``create_engine``: one URL per backend, with each driver's quirks handled here."""
+"""``create_engine`` and ``create_async_engine``: every driver of the supported backends.
+
+A URL is read once into a ``_Target`` (which backend family, which URL, which
+token); every driver decision - pool, pragmas, error translation, the async
+driver - reads that record, here and nowhere else.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import sqlite3
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
+import attrs
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import registry
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import ArgumentError
-from sqlalchemy.pool import ConnectionPoolEntry, QueuePool, StaticPool
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import create_async_engine as _sa_create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool, StaticPool
+from sqlalchemy.util import await_
 
+from evals_orm._aiolibsql import AsyncLibsqlDialect
 from evals_orm.errors import ConfigurationError
 
-__all__ = ["create_engine"]
+__all__ = ["create_async_engine", "create_engine"]
+
+# The pyproject entry point makes the URL resolve in any process (Alembic's
+# included); registering here also covers a source tree that is not installed.
+registry.register("sqlite.evals_aiolibsql", "evals_orm._aiolibsql", "AsyncLibsqlDialect")
 
 BUSY_TIMEOUT_MS = 30_000
 CACHE_KIB = 64 * 1024
 REMOTE_POOL_RECYCLE_S = 5
 _SUPPORTED = (
-    "sqlite:///PATH, sqlite://, sqlite+libsql:///PATH, sqlite+libsql://, "
-    "libsql://HOST, https://HOST, http://HOST:PORT or postgresql://..."
+    "sqlite:///PATH or sqlite:// (any SQLite driver, e.g. sqlite+pysqlite), "
+    "sqlite+libsql:///PATH, sqlite+libsql://, libsql://HOST, https://HOST, http://HOST:PORT "
+    "or postgresql://... (any PostgreSQL driver, e.g. postgresql+psycopg2)"
 )
 _TOKEN_QUERY_KEYS = ("authToken", "auth_token")
 _TRUE = ("1", "true", "yes", "on")
+_REMOTE_SCHEMES = ("libsql", "https", "http", "wss", "ws")
+_BACKENDS = {"sqlite": "sqlite", "postgresql": "postgresql", "postgres": "postgresql"}
+_DEFAULT_DRIVERS = {"sqlite": "pysqlite", "postgresql": "psycopg"}
+_LIBSQL_DRIVERS = ("libsql", "aiolibsql", "evals_aiolibsql")
+# The async driver each family gets when the URL names a sync one.
+_ASYNC_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "libsql": "sqlite+evals_aiolibsql",
+    "libsql-remote": "sqlite+evals_aiolibsql",
+    "postgresql": "postgresql+psycopg_async",
+}
+
+_E = TypeVar("_E", Engine, AsyncEngine)
+_Family = Literal["sqlite", "libsql", "libsql-remote", "postgresql"]
+
+
+@attrs.frozen
+class _Target:
+    """What a URL names: the backend family, the driver URL and the auth token."""
+
+    family: _Family
+    url: URL
+    auth_token: str | None
+    is_async: bool
+
+    @property
+    def in_memory(self) -> bool:
+        return self.family in ("sqlite", "libsql") and self.url.database in (None, "", ":memory:")
 
 
 def create_engine(url: str | URL, *, auth_token: str | None = None, **engine_kwargs: Any) -> Engine:
     """Create an Engine for SQLite, libSQL (embedded or remote) or PostgreSQL.
 
-    File databases on SQLite/libSQL get foreign keys, WAL and a busy timeout;
-    an in-memory URL gives one database shared by every connection; remote
-    libSQL gets a real connection pool. ``auth_token`` (or an ``authToken``
-    query parameter) is sent as a bearer token and never kept in the URL.
+    Any sync driver of those dialects is accepted (``postgresql+psycopg2``,
+    ``sqlite+pysqlite``, ...). File databases on SQLite/libSQL get foreign
+    keys, WAL and a busy timeout; an in-memory URL gives one database shared
+    by every connection; remote libSQL gets a real connection pool.
+    ``auth_token`` (or an ``authToken`` query parameter) is sent as a bearer
+    token and never kept in the URL.
     """
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
+    target = _resolve(url, auth_token)
+    if target.is_async:
         raise ConfigurationError(
-            f"cannot parse the database URL {_redact(str(url))!r}; expected {_SUPPORTED}"
-        ) from None
+            f"{target.url.drivername!r} is an asyncio driver; "
+            "use evals_orm.create_async_engine for it, or a sync driver with create_engine"
+        )
+    return _build(sa.create_engine, target, engine_kwargs)
+
+
+def create_async_engine(
+    url: str | URL, *, auth_token: str | None = None, **engine_kwargs: Any
+) -> AsyncEngine:
+    """Create an AsyncEngine for any URL ``create_engine`` takes, with an asyncio driver.
+
+    SQLite gets aiosqlite, PostgreSQL psycopg 3's async mode (or asyncpg when
+    the URL names it), libSQL (embedded and remote) the package's
+    ``sqlite+evals_aiolibsql`` adapter, which runs each connection on its own
+    thread. The quirks, pools and token handling are those of ``create_engine``.
+    """
+    target = _resolve(url, auth_token)
+    if not target.is_async or target.url.get_driver_name() == "aiolibsql":
+        # sqlalchemy-libsql's aiolibsql blocks the event loop on every call.
+        target = attrs.evolve(target, url=target.url.set(drivername=_ASYNC_DRIVERS[target.family]))
+    return _build(_sa_create_async_engine, target, engine_kwargs)
+
+
+def _resolve(url: str | URL, auth_token: str | None) -> _Target:
+    parsed = _parse(url)
     query = dict(parsed.query)
     for key in _TOKEN_QUERY_KEYS:
         token = query.pop(key, None)
         if token is not None and auth_token is None:
             auth_token = token if isinstance(token, str) else token[0]
     parsed = parsed.set(query=query)
-
-    scheme = parsed.drivername
-    if scheme in ("sqlite", "sqlite+pysqlite"):
-        engine = _sqlite_engine(parsed.set(drivername="sqlite+pysqlite"), engine_kwargs)
-    elif scheme == "sqlite+libsql" and not parsed.host:
-        engine = _sqlite_engine(parsed, engine_kwargs)
-    elif scheme in ("sqlite+libsql", "libsql", "https", "http", "wss", "ws"):
-        engine = _libsql_remote_engine(parsed, auth_token, engine_kwargs)
-    elif scheme in ("postgresql", "postgres", "postgresql+psycopg"):
-        engine = sa.create_engine(parsed.set(drivername="postgresql+psycopg"), **engine_kwargs)
-    else:
+    if parsed.drivername in _REMOTE_SCHEMES:
+        return _Target("libsql-remote", _remote_url(parsed), auth_token, is_async=False)
+    name, _, driver = parsed.drivername.partition("+")
+    backend = _BACKENDS.get(name)
+    if backend is None:
         raise ConfigurationError(
-            f"unsupported database URL scheme {scheme!r}; expected {_SUPPORTED}"
+            f"unsupported database URL scheme {parsed.drivername!r}; expected {_SUPPORTED}"
         )
-    if auth_token is not None and not (engine.dialect.driver == "libsql" and engine.url.host):
-        raise ConfigurationError("auth_token is only used with a remote libSQL URL")
-    _redact_errors(engine, auth_token)
-    return engine
+    parsed = parsed.set(drivername=f"{backend}+{driver or _DEFAULT_DRIVERS[backend]}")
+    try:
+        is_async = bool(parsed.get_dialect().is_async)
+    except sa.exc.NoSuchModuleError:
+        raise ConfigurationError(
+            f"no SQLAlchemy dialect for {parsed.drivername!r} URLs is installed; "
+            f"install the package that provides it or use one of {_SUPPORTED}"
+        ) from None
+    family: _Family
+    if backend == "postgresql":
+        family = "postgresql"
+    elif driver not in _LIBSQL_DRIVERS:
+        family = "sqlite"
+    elif parsed.host:
+        family, parsed = "libsql-remote", _remote_url(parsed)
+    else:
+        family = "libsql"
+    return _Target(family, parsed, auth_token, is_async)
 
 
-def _sqlite_engine(url: URL, engine_kwargs: dict[str, Any]) -> Engine:
-    in_memory = url.database in (None, "", ":memory:")
+def _parse(url: str | URL) -> URL:
+    try:
+        parsed = make_url(url)
+        _ = parsed.port  # a URL object built by hand may still carry a bad one
+    except (sa.exc.ArgumentError, ValueError, TypeError):
+        raise ConfigurationError(
+            f"cannot parse the database URL {_redact(str(url))!r} (check the host and port); "
+            f"expected {_SUPPORTED}"
+        ) from None
+    return parsed
+
+
+def _remote_url(url: URL) -> URL:
+    """Return the ``sqlite+libsql://host`` URL the driver takes for a remote libSQL URL."""
+    if not url.host:
+        raise ConfigurationError(f"a remote libSQL URL needs a host; expected {_SUPPORTED}")
+    query = dict(url.query)
+    tls = query.pop("tls", None)
+    secure = query.pop("secure", None)
+    if url.drivername in ("https", "wss"):
+        use_tls = True
+    elif url.drivername in ("http", "ws"):
+        use_tls = False
+    elif secure is not None:
+        use_tls = str(secure).lower() in _TRUE
+    elif tls is not None:
+        use_tls = str(tls).lower() in _TRUE
+    else:
+        # Turso's libsql:// means TLS; SQLAlchemy's sqlite+libsql://host keeps
+        # the dialect's meaning (plain http unless ?secure=true).
+        use_tls = url.drivername == "libsql"
+    if use_tls:
+        query["secure"] = "true"
+    return url.set(drivername="sqlite+libsql", query=query)
+
+
+def _build(factory: Callable[..., _E], target: _Target, engine_kwargs: dict[str, Any]) -> _E:
+    """Create the engine of ``target`` with ``factory`` and install its driver's quirks."""
     kwargs = dict(engine_kwargs)
-    connect_args = kwargs.setdefault("connect_args", {})
-    if in_memory:
+    connect_args = dict(kwargs.pop("connect_args", {}))
+    if target.auth_token is not None:
+        if target.family != "libsql-remote":
+            raise ConfigurationError("auth_token is only used with a remote libSQL URL")
+        connect_args["auth_token"] = target.auth_token
+    asynchronous = factory is _sa_create_async_engine
+    if target.in_memory:
         # One connection, so every Session and thread sees the same database.
         kwargs.setdefault("poolclass", StaticPool)
         connect_args.setdefault("check_same_thread", False)
-    engine = sa.create_engine(url, **kwargs)
-    event.listen(engine, "connect", _sqlite_pragmas_for(in_memory=in_memory))
+    elif target.family == "libsql-remote":
+        # The dialect's default SingletonThreadPool would let two connections
+        # of a thread share one remote stream and see each other's rows.
+        kwargs.setdefault("poolclass", AsyncAdaptedQueuePool if asynchronous else QueuePool)
+        # sqld expires a stream after about 10 s without a request; a pooled
+        # connection is replaced before it can be handed out expired.
+        kwargs.setdefault("pool_recycle", REMOTE_POOL_RECYCLE_S)
+    try:
+        engine = factory(target.url, connect_args=connect_args, **kwargs)
+    except ImportError as error:
+        raise ConfigurationError(
+            f"the driver of {target.url.drivername!r} URLs is not installed; "
+            f"install the {error.name or 'driver'!r} package"
+        ) from None
+    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    if target.family in ("sqlite", "libsql"):
+        event.listen(sync_engine, "connect", _pragma_hook(sync_engine.dialect, target.in_memory))
+    if target.family in ("libsql", "libsql-remote"):
+        _typed_connect_errors(sync_engine, target.auth_token)
+    _translate_errors(sync_engine, target)
     return engine
 
 
-def _sqlite_pragmas_for(*, in_memory: bool) -> Any:
-    def set_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
-        cursor = dbapi_connection.cursor()
-        try:
-            # libSQL enforces foreign keys by default; stdlib SQLite must
-            # match it so both behave the same.
-            cursor.execute("PRAGMA foreign_keys=ON")
-            if not in_memory:
-                cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-                _switch_to_wal(cursor)
-                # The checkpoints' primary key is a random UUID: its inserts
-                # land all over the index, so a long rebuild slows down once
-                # the index outgrows SQLite's default 2 MiB page cache.
-                cursor.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-        finally:
-            cursor.close()
+def _pragma_hook(
+    dialect: sa.Dialect, in_memory: bool
+) -> Callable[[DBAPIConnection, ConnectionPoolEntry], None]:
+    if isinstance(dialect, AsyncLibsqlDialect):
+        # The pragmas (and the WAL retry's sleeps) run on the connection's own
+        # thread, never on the event loop.
+        set_on_thread = functools.partial(_set_pragmas, in_memory=in_memory, sleep=time.sleep)
 
-    return set_pragmas
+        def on_thread(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+            dbapi_connection.run_on_thread(set_on_thread)
+
+        return on_thread
+    sleep = _sleep_on_loop if dialect.is_async else time.sleep
+
+    def hook(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+        _set_pragmas(dbapi_connection, in_memory=in_memory, sleep=sleep)
+
+    return hook
 
 
-def _switch_to_wal(cursor: Any) -> None:
+def _sleep_on_loop(seconds: float) -> None:
+    await_(asyncio.sleep(seconds))
+
+
+def _set_pragmas(dbapi_connection: Any, *, in_memory: bool, sleep: Callable[[float], None]) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        # libSQL enforces foreign keys by default; stdlib SQLite must
+        # match it so both behave the same.
+        cursor.execute("PRAGMA foreign_keys=ON")
+        if not in_memory:
+            cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            _switch_to_wal(cursor, sleep)
+            # The checkpoints' primary key is a random UUID: its inserts
+            # land all over the index, so a long rebuild slows down once
+            # the index outgrows SQLite's default 2 MiB page cache.
+            cursor.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+    finally:
+        cursor.close()
+
+
+def _switch_to_wal(cursor: Any, sleep: Callable[[float], None]) -> None:
     """Put the database file in WAL mode, waiting for other writers.
 
     The switch takes an exclusive lock without SQLite's busy handler: while
@@ -122,44 +280,8 @@ def _switch_to_wal(cursor: Any) -> None:
                 if isinstance(error, sqlite3.OperationalError):
                     raise
                 raise sa.exc.OperationalError("PRAGMA journal_mode=WAL", None, error) from None
-        time.sleep(pause)
+        sleep(pause)
         pause = min(2 * pause, 0.05)
-
-
-def _libsql_remote_engine(
-    url: URL, auth_token: str | None, engine_kwargs: dict[str, Any]
-) -> Engine:
-    if not url.host:
-        raise ConfigurationError(f"a remote libSQL URL needs a host; expected {_SUPPORTED}")
-    query = dict(url.query)
-    tls = query.pop("tls", None)
-    secure = query.pop("secure", None)
-    if url.drivername in ("https", "wss"):
-        use_tls = True
-    elif url.drivername in ("http", "ws"):
-        use_tls = False
-    elif secure is not None:
-        use_tls = str(secure).lower() in _TRUE
-    elif tls is not None:
-        use_tls = str(tls).lower() in _TRUE
-    else:
-        # Turso's libsql:// means TLS; SQLAlchemy's sqlite+libsql://host keeps
-        # the dialect's meaning (plain http unless ?secure=true).
-        use_tls = url.drivername == "libsql"
-    if use_tls:
-        query["secure"] = "true"
-    remote = url.set(drivername="sqlite+libsql", query=query)
-    kwargs = dict(engine_kwargs)
-    connect_args = kwargs.setdefault("connect_args", {})
-    if auth_token is not None:
-        connect_args["auth_token"] = auth_token
-    # The dialect's default SingletonThreadPool would let two connections of a
-    # thread share one remote stream and see each other's uncommitted rows.
-    kwargs.setdefault("poolclass", QueuePool)
-    # sqld expires a stream after about 10 s without a request; a pooled
-    # connection is replaced before it can be handed out expired.
-    kwargs.setdefault("pool_recycle", REMOTE_POOL_RECYCLE_S)
-    return sa.create_engine(remote, **kwargs)
 
 
 def _redact(text: str, token: str | None = None) -> str:
@@ -176,44 +298,60 @@ def _redact(text: str, token: str | None = None) -> str:
     return text
 
 
-def _redact_errors(engine: Engine, token: str | None) -> None:
-    """Translate libSQL's bare ``ValueError``s and keep the token out of messages."""
-    libsql = engine.dialect.driver == "libsql"
-    if libsql:
-        _typed_connect_errors(engine, token)
+def _is_panic(error: BaseException) -> bool:
+    # pyo3's PanicException derives from BaseException and cannot be imported.
+    return type(error).__name__ == "PanicException"
+
+
+def _driver_failure(error: BaseException, token: str | None) -> ValueError:
+    """Return the libSQL error as a ValueError with a readable, token-free message."""
+    message = _redact(str(error), token)
+    if _is_panic(error):
+        # A panic inside the driver comes from a page it cannot decode.
+        message = f"database disk image is malformed (the libSQL driver panicked: {message})"
+    return ValueError(message)
+
+
+def _translate_errors(engine: Engine, target: _Target) -> None:
+    """Turn libSQL's bare ``ValueError``s and panics into typed errors; hide the token."""
+    token = target.auth_token
+    libsql = target.family in ("libsql", "libsql-remote")
 
     @event.listens_for(engine, "handle_error")
     def handle_error(context: sa.engine.ExceptionContext) -> BaseException | None:
         original = context.original_exception
-        if token and token in str(original):
-            original = type(original)(_redact(str(original), token))
-        # Only errors the driver raised while executing: a ValueError from a
-        # bind processor (a naive datetime, say) is the caller's mistake and
-        # must stay a StatementError, not become an OperationalError.
-        from_driver = libsql and context.execution_context is not None
-        if from_driver and isinstance(original, ValueError):
-            message = str(original)
+        # Errors the driver raised while executing, committing (no statement)
+        # or rolling back: a ValueError from a bind processor (a statement
+        # but no execution context) is the caller's mistake and must stay a
+        # StatementError.
+        from_driver = libsql and (
+            context.execution_context is not None or context.statement is None
+        )
+        if from_driver and (isinstance(original, ValueError) or _is_panic(original)):
+            failure = _driver_failure(original, token)
+            message = str(failure)
             error_class: type[sa.exc.DBAPIError] = (
                 sa.exc.IntegrityError
                 if "constraint failed" in message.lower()
                 else sa.exc.OperationalError
             )
-            if "STREAM_EXPIRED" in message:
-                # The server forgot the stream: the pool must drop this connection.
+            if "STREAM_EXPIRED" in message or _is_panic(original):
+                # The server forgot the stream, or the driver's state is gone:
+                # the pool must drop this connection.
                 context.is_disconnect = True
-            return error_class(context.statement, None, original, connection_invalidated=False)
-        if original is not context.original_exception:
-            return original
+            return error_class(context.statement, None, failure, connection_invalidated=False)
+        if token and token in str(original):
+            return type(original)(_redact(str(original), token))
         return None
 
 
 def _typed_connect_errors(engine: Engine, token: str | None) -> None:
     """Make a failed libSQL connect raise SQLAlchemy's ``OperationalError``.
 
-    libSQL raises a bare ``ValueError`` when it cannot connect, which
-    SQLAlchemy lets through unwrapped (it only wraps the DBAPI's ``Error``,
-    and the driver lacks the classes its error handling needs). A remote
-    connection is lazy, so it is probed once when the pool opens it.
+    libSQL raises a bare ``ValueError`` when it cannot connect (a panic on
+    some corrupt files), which SQLAlchemy lets through unwrapped: it only
+    wraps the DBAPI's ``Error``. A remote connection is lazy, so it is probed
+    once when the pool opens it.
     """
     remote = bool(engine.url.host)
 
@@ -225,8 +363,8 @@ def _typed_connect_errors(engine: Engine, token: str | None) -> None:
             connection: DBAPIConnection = dialect.loaded_dbapi.connect(*cargs, **cparams)
             if remote:
                 connection.execute("SELECT 1")
-        except ValueError as error:
-            raise sa.exc.OperationalError(
-                None, None, ValueError(_redact(str(error), token))
-            ) from None
+        except BaseException as error:
+            if not (isinstance(error, ValueError) or _is_panic(error)):
+                raise
+            raise sa.exc.OperationalError(None, None, _driver_failure(error, token)) from None
         return connection

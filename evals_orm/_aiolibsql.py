@@ -1,0 +1,197 @@
+"""``sqlite+evals_aiolibsql``: the libSQL driver behind SQLAlchemy's asyncio adapter.
+
+libSQL has no asyncio API, and sqlalchemy-libsql's ``aiolibsql`` dialect only
+flags the blocking driver as async: every call still blocks the event loop.
+Here each libSQL connection lives on its own worker thread (its objects must
+stay on the thread that made them) and every call is awaited on that thread,
+the way aiosqlite serves sqlite3. Embedded files, memory and remote servers
+all work, and a cancelled task no longer waits for the driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any, TypeVar
+
+import libsql_experimental
+from sqlalchemy import pool
+from sqlalchemy.connectors.asyncio import (
+    AsyncAdapt_dbapi_connection,
+    AsyncAdapt_dbapi_module,
+    AsyncAdapt_terminate,
+)
+from sqlalchemy.engine import URL
+from sqlalchemy.util import await_
+from sqlalchemy_libsql.libsql import SQLiteDialect_libsql
+
+__all__ = ["AsyncLibsqlConnection", "AsyncLibsqlDialect"]
+
+_T = TypeVar("_T")
+
+
+class _ThreadConnection:
+    """One libSQL connection and the single thread every call on it runs on."""
+
+    def __init__(self, executor: concurrent.futures.ThreadPoolExecutor, raw: Any) -> None:
+        self._executor = executor
+        self.raw = raw
+
+    @classmethod
+    async def open(
+        cls, driver: ModuleType, args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> _ThreadConnection:
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="evals-libsql")
+        try:
+            future = executor.submit(driver.connect, *args, **kwargs)
+            raw = await asyncio.wrap_future(future)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(executor, raw)
+
+    async def run(self, function: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.wrap_future(self._executor.submit(function, *args))
+
+    def cursor(self) -> _ThreadCursor:
+        return _ThreadCursor(self)
+
+    async def commit(self) -> None:
+        await self.run(self.raw.commit)
+
+    async def rollback(self) -> None:
+        await self.run(self.raw.rollback)
+
+    async def close(self) -> None:
+        try:
+            await self.run(self.raw.close)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    def stop(self) -> None:
+        """Drop the connection without waiting for a call still running on its thread."""
+        self._executor.submit(self.raw.close)
+        self._executor.shutdown(wait=False)
+
+
+class _ThreadCursor:
+    """A libSQL cursor whose rows are fetched on the connection's thread with the execute."""
+
+    arraysize = 1
+
+    def __init__(self, connection: _ThreadConnection) -> None:
+        self._connection = connection
+        self._cursor: Any = None
+        self.description: Any = None
+        self.rowcount = -1
+        self.lastrowid: int | None = None
+        self._rows: list[Any] = []
+
+    async def __aenter__(self) -> _ThreadCursor:
+        self._cursor = await self._connection.run(self._connection.raw.cursor)
+        return self
+
+    async def execute(self, operation: str, parameters: Any = None) -> None:
+        await self._connection.run(self._execute, "execute", operation, parameters or ())
+
+    async def executemany(self, operation: str, parameters: Any) -> None:
+        await self._connection.run(self._execute, "executemany", operation, parameters)
+
+    def _execute(self, method: str, operation: str, parameters: Any) -> None:
+        cursor = self._cursor
+        getattr(cursor, method)(operation, parameters)
+        # Everything the adapter reads afterwards is taken now, on this thread.
+        self.description = cursor.description
+        self.rowcount = cursor.rowcount
+        self.lastrowid = cursor.lastrowid
+        self._rows = cursor.fetchall() if cursor.description else []
+
+    async def fetchall(self) -> list[Any]:
+        rows, self._rows = self._rows, []
+        return rows
+
+    async def close(self) -> None:
+        await self._connection.run(self._cursor.close)
+
+
+class AsyncLibsqlConnection(AsyncAdapt_terminate, AsyncAdapt_dbapi_connection):
+    """The DBAPI connection SQLAlchemy sees; each call waits for the libSQL thread."""
+
+    __slots__ = ()
+    _connection: _ThreadConnection  # type: ignore[assignment]
+
+    def run_on_thread(self, function: Callable[[Any], _T]) -> _T:
+        """Call ``function(libsql_connection)`` on the connection's thread (greenlet context)."""
+        try:
+            return await_(self._connection.run(function, self._connection.raw))
+        except Exception as error:
+            self._handle_exception(error)
+
+    def sync(self) -> Any:
+        """Pull the primary's changes into this embedded replica."""
+        return self.run_on_thread(lambda raw: raw.sync())
+
+    @property
+    def isolation_level(self) -> str | None:
+        level: str | None = self.run_on_thread(lambda raw: raw.isolation_level)
+        return level
+
+    @isolation_level.setter
+    def isolation_level(self, value: str | None) -> None:
+        def set_level(raw: Any) -> None:
+            raw.isolation_level = value
+
+        self.run_on_thread(set_level)
+
+    async def _terminate_graceful_close(self) -> None:
+        await self._connection.close()
+
+    def _terminate_force_close(self) -> None:
+        self._connection.stop()
+
+
+class _AsyncLibsqlModule(AsyncAdapt_dbapi_module):
+    def __init__(self, libsql: ModuleType) -> None:
+        super().__init__(libsql, dbapi_module=libsql)
+        self.paramstyle = libsql.paramstyle
+        self.sqlite_version_info = libsql.sqlite_version_info
+        self.Error = libsql.Error
+        # The driver has no Binary; LargeBinary values are plain bytes.
+        self.Binary = bytes
+
+    def connect(self, *args: Any, **kwargs: Any) -> AsyncLibsqlConnection:
+        # _ThreadConnection has the part of AsyncIODBAPIConnection the adapter uses.
+        opening = _ThreadConnection.open(self.driver, args, kwargs)
+        return await_(AsyncLibsqlConnection.create(self, opening))  # type: ignore[arg-type]
+
+
+class AsyncLibsqlDialect(SQLiteDialect_libsql):  # type: ignore[misc]
+    """libSQL (embedded file, memory or remote) for ``create_async_engine``."""
+
+    # The same driver underneath: the column types' libSQL quirks still apply.
+    driver = "libsql"
+    is_async = True
+    has_terminate = True
+    supports_statement_cache = True
+
+    @classmethod
+    def import_dbapi(cls) -> _AsyncLibsqlModule:
+        return _AsyncLibsqlModule(libsql_experimental)
+
+    @classmethod
+    def get_pool_class(cls, url: URL) -> type[pool.Pool]:
+        if url.host or cls._is_url_file_db(url):
+            return pool.AsyncAdaptedQueuePool
+        return pool.StaticPool
+
+    def on_connect(self) -> None:
+        # pysqlite's hook registers Python functions, which libSQL cannot take.
+        return None
+
+    def do_terminate(self, dbapi_connection: Any) -> None:
+        dbapi_connection.terminate()
+
+
+dialect = AsyncLibsqlDialect
