@@ -14,7 +14,7 @@ from evals_orm.domain import (
     uuid7,
     uuid7_at,
 )
-from evals_orm.engine import create_engine
+from evals_orm.engine import create_async_engine, create_engine
 from evals_orm.errors import (
     ConfigurationError,
     DatabaseError,
@@ -71,6 +71,7 @@ __all__ = [
     "StudyStopped",
     "TimePeriod",
     "converter",
+    "create_async_engine",
     "create_engine",
     "dumps",
     "loads",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, TypeVar
@@ -27,7 +28,9 @@ from sqlalchemy.engine import URL
 from sqlalchemy.util import await_
 from sqlalchemy_libsql.libsql import SQLiteDialect_libsql
 
-__all__ = ["AsyncLibsqlConnection", "AsyncLibsqlDialect"]
+__all__ = ["BUSY_TIMEOUT_MS", "AsyncLibsqlConnection", "AsyncLibsqlDialect"]
+
+BUSY_TIMEOUT_MS = 30_000
 
 _T = TypeVar("_T")
 
@@ -53,7 +56,10 @@ class _ThreadConnection:
         return cls(executor, raw)
 
     async def run(self, function: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.wrap_future(self._executor.submit(function, *args))
+        return await asyncio.wrap_future(self.submit(function, *args))
+
+    def submit(self, function: Callable[..., _T], *args: Any) -> concurrent.futures.Future[_T]:
+        return self._executor.submit(function, *args)
 
     def cursor(self) -> _ThreadCursor:
         return _ThreadCursor(self)
@@ -72,7 +78,7 @@ class _ThreadConnection:
 
     def stop(self) -> None:
         """Drop the connection without waiting for a call still running on its thread."""
-        self._executor.submit(self.raw.close)
+        self.submit(self.raw.close)
         self._executor.shutdown(wait=False)
 
 
@@ -101,7 +107,21 @@ class _ThreadCursor:
 
     def _execute(self, method: str, operation: str, parameters: Any) -> None:
         cursor = self._cursor
-        getattr(cursor, method)(operation, parameters)
+        # The driver keeps the GIL while SQLite's busy handler waits for a
+        # lock, which would freeze the event loop and with it the task that
+        # holds the lock. The connection's busy timeout is 0 instead, and the
+        # wait happens here, in sleeps that release the GIL.
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        pause = 0.001
+        while True:
+            try:
+                getattr(cursor, method)(operation, parameters)
+                break
+            except ValueError as error:
+                if "database is locked" not in str(error) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
         # Everything the adapter reads afterwards is taken now, on this thread.
         self.description = cursor.description
         self.rowcount = cursor.rowcount
@@ -113,7 +133,9 @@ class _ThreadCursor:
         return rows
 
     async def close(self) -> None:
-        await self._connection.run(self._cursor.close)
+        # Queued behind any statement still running (a cancelled one, say),
+        # without making the loop wait for it.
+        self._connection.submit(self._cursor.close)
 
 
 class AsyncLibsqlConnection(AsyncAdapt_terminate, AsyncAdapt_dbapi_connection):
@@ -146,7 +168,9 @@ class AsyncLibsqlConnection(AsyncAdapt_terminate, AsyncAdapt_dbapi_connection):
         self.run_on_thread(set_level)
 
     async def _terminate_graceful_close(self) -> None:
-        await self._connection.close()
+        # libSQL cannot interrupt a running statement: the thread closes the
+        # connection once it returns, and the loop does not wait for that.
+        self._connection.stop()
 
     def _terminate_force_close(self) -> None:
         self._connection.stop()

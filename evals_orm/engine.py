@@ -25,16 +25,15 @@ from sqlalchemy.ext.asyncio import create_async_engine as _sa_create_async_engin
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool, StaticPool
 from sqlalchemy.util import await_
 
-from evals_orm._aiolibsql import AsyncLibsqlDialect
+from evals_orm._aiolibsql import BUSY_TIMEOUT_MS, AsyncLibsqlDialect
 from evals_orm.errors import ConfigurationError
 
-__all__ = ["create_async_engine", "create_engine"]
+__all__ = ["BUSY_TIMEOUT_MS", "create_async_engine", "create_engine"]
 
 # The pyproject entry point makes the URL resolve in any process (Alembic's
 # included); registering here also covers a source tree that is not installed.
 registry.register("sqlite.evals_aiolibsql", "evals_orm._aiolibsql", "AsyncLibsqlDialect")
 
-BUSY_TIMEOUT_MS = 30_000
 CACHE_KIB = 64 * 1024
 REMOTE_POOL_RECYCLE_S = 5
 _SUPPORTED = (
@@ -224,7 +223,10 @@ def _pragma_hook(
     if isinstance(dialect, AsyncLibsqlDialect):
         # The pragmas (and the WAL retry's sleeps) run on the connection's own
         # thread, never on the event loop.
-        set_on_thread = functools.partial(_set_pragmas, in_memory=in_memory, sleep=time.sleep)
+        # The adapter waits for locks itself (busy timeout 0), without the GIL.
+        set_on_thread = functools.partial(
+            _set_pragmas, in_memory=in_memory, sleep=time.sleep, busy_timeout_ms=0
+        )
 
         def on_thread(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
             dbapi_connection.run_on_thread(set_on_thread)
@@ -233,7 +235,9 @@ def _pragma_hook(
     sleep = _sleep_on_loop if dialect.is_async else time.sleep
 
     def hook(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
-        _set_pragmas(dbapi_connection, in_memory=in_memory, sleep=sleep)
+        _set_pragmas(
+            dbapi_connection, in_memory=in_memory, sleep=sleep, busy_timeout_ms=BUSY_TIMEOUT_MS
+        )
 
     return hook
 
@@ -242,14 +246,20 @@ def _sleep_on_loop(seconds: float) -> None:
     await_(asyncio.sleep(seconds))
 
 
-def _set_pragmas(dbapi_connection: Any, *, in_memory: bool, sleep: Callable[[float], None]) -> None:
+def _set_pragmas(
+    dbapi_connection: Any,
+    *,
+    in_memory: bool,
+    sleep: Callable[[float], None],
+    busy_timeout_ms: int,
+) -> None:
     cursor = dbapi_connection.cursor()
     try:
         # libSQL enforces foreign keys by default; stdlib SQLite must
         # match it so both behave the same.
         cursor.execute("PRAGMA foreign_keys=ON")
         if not in_memory:
-            cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
             _switch_to_wal(cursor, sleep)
             # The checkpoints' primary key is a random UUID: its inserts
             # land all over the index, so a long rebuild slows down once
