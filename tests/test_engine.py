@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +19,8 @@ from sqlalchemy.pool import QueuePool, StaticPool
 
 from evals_orm import ConfigurationError, create_engine
 from evals_orm.engine import BUSY_TIMEOUT_MS
+
+from sqld import running_sqld
 
 
 def _closed_port() -> int:
@@ -42,7 +46,13 @@ def _equivalent_urls(database: Database) -> list[str]:
             f"libsql://{host}?secure=false",
         ]
     rest = database.url.split("://", 1)[1]
-    return [f"postgresql://{rest}", f"postgres://{rest}", f"postgresql+psycopg://{rest}"]
+    return [
+        f"postgresql://{rest}",
+        f"postgres://{rest}",
+        f"postgresql+psycopg://{rest}",
+        f"postgresql+psycopg2://{rest}",
+        f"postgresql+pg8000://{rest}",
+    ]
 
 
 def test_every_url_form_reaches_the_same_database(database: Database) -> None:
@@ -80,6 +90,9 @@ def test_every_url_form_reaches_the_same_database(database: Database) -> None:
         ),
         ("postgresql://u@h/db", "postgresql+psycopg://u@h/db", "QueuePool"),
         ("postgres://u@h/db", "postgresql+psycopg://u@h/db", "QueuePool"),
+        ("postgresql+psycopg2://u@h/db", "postgresql+psycopg2://u@h/db", "QueuePool"),
+        ("postgres+pg8000://u@h/db", "postgresql+pg8000://u@h/db", "QueuePool"),
+        ("sqlite+pysqlite:///some.db", "sqlite+pysqlite:///some.db", "QueuePool"),
     ],
 )
 def test_url_forms_map_to_driver_urls(url: str, expected_url: str, expected_pool: str) -> None:
@@ -96,6 +109,9 @@ def test_url_forms_map_to_driver_urls(url: str, expected_url: str, expected_pool
         ("nonsense", "cannot parse the database URL 'nonsense'"),
         ("libsql://", "needs a host"),
         ("https://", "needs a host"),
+        ("http://127.0.0.1:abc", "cannot parse the database URL 'http://127.0.0.1:abc'"),
+        ("postgresql://postgres@[::1/x", "cannot parse the database URL"),
+        ("sqlite+nosuchdriver:///x.db", "no SQLAlchemy dialect for 'sqlite\\+nosuchdriver'"),
     ],
 )
 def test_bad_urls_raise_configuration_error(url: str, message: str) -> None:
@@ -103,6 +119,30 @@ def test_bad_urls_raise_configuration_error(url: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message) as raised:
         create_engine(url)
     assert "sqlite+libsql:///PATH" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+asyncpg://u@h/db",
+        "postgresql+psycopg_async://u@h/db",
+        "sqlite+aiosqlite:///x.db",
+        "sqlite+aiolibsql:///x.db",
+    ],
+)
+def test_async_urls_point_at_create_async_engine(url: str) -> None:
+    """An asyncio driver's URL given to create_engine names the async factory in one sentence."""
+    with pytest.raises(ConfigurationError) as raised:
+        create_engine(url)
+    message = str(raised.value)
+    assert "use evals_orm.create_async_engine" in message
+    assert "\n" not in message
+
+
+def test_a_driver_that_is_not_installed_names_its_package() -> None:
+    """A known dialect whose driver module is missing says which package to install."""
+    with pytest.raises(ConfigurationError, match="install the 'pysqlcipher3' package"):
+        create_engine("sqlite+pysqlcipher:///x.db")
 
 
 @pytest.mark.parametrize("url", ["sqlite:///x.db", "sqlite+libsql://", "postgresql://u@h/db"])
@@ -301,3 +341,44 @@ def test_missing_libsql_directory_raises_operational_error(tmp_path: Path) -> No
     engine = create_engine(f"sqlite+libsql:///{tmp_path / 'missing' / 'x.db'}")
     with pytest.raises(sa.exc.OperationalError, match="missing"):
         engine.connect()
+
+
+def test_commit_on_a_killed_server_raises_a_typed_error(tmp_path: Path) -> None:
+    """A commit whose libSQL server died raises SQLAlchemy's OperationalError, not ValueError.
+
+    The driver raises a bare ``ValueError`` from ``commit()``, where no
+    statement is running; it must still reach the caller typed.
+    """
+    with running_sqld(tmp_path / "sqld") as server:
+        engine = create_engine(server.url, auth_token=server.auth_token)
+        with engine.begin() as connection:
+            connection.exec_driver_sql("CREATE TABLE doomed (value INTEGER)")
+        connection = engine.connect()
+        connection.exec_driver_sql("INSERT INTO doomed VALUES (1)")
+        os.kill(server.pid, signal.SIGKILL)
+        with pytest.raises(sa.exc.OperationalError, match="Hrana") as raised:
+            connection.commit()
+        connection.close()
+        engine.dispose()
+    assert server.auth_token not in str(raised.value)
+
+
+def _corrupt_libsql_file(path: Path) -> None:
+    """Write a libSQL file whose text cells are not UTF-8 (the driver panics reading them)."""
+    engine = create_engine(f"sqlite+libsql:///{path}")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE names (name TEXT)")
+        connection.exec_driver_sql("INSERT INTO names VALUES ('cell one'), ('cell two')")
+    engine.dispose()
+    path.write_bytes(path.read_bytes().replace(b"cell ", b"\xffell "))
+
+
+def test_corrupt_libsql_file_raises_a_typed_error(tmp_path: Path) -> None:
+    """Reading a corrupt libSQL file raises OperationalError naming it malformed, not a panic."""
+    path = tmp_path / "corrupt.db"
+    _corrupt_libsql_file(path)
+    engine = create_engine(f"sqlite+libsql:///{path}")
+    with engine.connect() as connection, pytest.raises(sa.exc.OperationalError) as raised:
+        connection.exec_driver_sql("SELECT name FROM names").all()
+    engine.dispose()
+    assert "database disk image is malformed" in str(raised.value)
