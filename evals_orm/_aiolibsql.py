@@ -78,8 +78,16 @@ class _ThreadConnection:
 
     def stop(self) -> None:
         """Drop the connection without waiting for a call still running on its thread."""
-        self.submit(self.raw.close)
+        self.submit(self._discard)
         self._executor.shutdown(wait=False)
+
+    def _discard(self) -> None:
+        # close() alone leaves an open transaction's locks held until the
+        # driver's objects are freed; roll back first.
+        try:
+            self.raw.rollback()
+        finally:
+            self.raw.close()
 
 
 class _ThreadCursor:

@@ -103,8 +103,9 @@ def create_async_engine(
     thread. The quirks, pools and token handling are those of ``create_engine``.
     """
     target = _resolve(url, auth_token)
-    if not target.is_async or target.url.get_driver_name() == "aiolibsql":
-        # sqlalchemy-libsql's aiolibsql blocks the event loop on every call.
+    if not target.is_async or target.family in ("libsql", "libsql-remote"):
+        # Every libSQL URL gets the package's adapter: sqlalchemy-libsql's
+        # aiolibsql blocks the event loop on every call.
         target = attrs.evolve(target, url=target.url.set(drivername=_ASYNC_DRIVERS[target.family]))
     return _build(_sa_create_async_engine, target, engine_kwargs)
 

@@ -30,7 +30,7 @@ def _closed_port() -> int:
     return port
 
 
-def _equivalent_urls(database: Database) -> list[str]:
+def equivalent_urls(database: Database) -> list[str]:
     """Return every URL form of SPEC section 5 that names ``database``."""
     url = sa.make_url(database.url)
     if database.backend == "sqlite":
@@ -60,7 +60,7 @@ def test_every_url_form_reaches_the_same_database(database: Database) -> None:
     with database.engine().begin() as connection:
         connection.exec_driver_sql("CREATE TABLE probe (value INTEGER)")
         connection.exec_driver_sql("INSERT INTO probe VALUES (42)")
-    for url in _equivalent_urls(database):
+    for url in equivalent_urls(database):
         engine = create_engine(url, auth_token=database.auth_token)
         try:
             with engine.connect() as connection:
