@@ -14,7 +14,7 @@ from evals_orm.domain import (
     uuid7,
     uuid7_at,
 )
-from evals_orm.engine import create_async_engine, create_engine
+from evals_orm.engine import create_async_engine, create_engine, sync
 from evals_orm.errors import (
     ConfigurationError,
     DatabaseError,
@@ -77,6 +77,7 @@ __all__ = [
     "loads",
     "metadata",
     "read_jsonl",
+    "sync",
     "uuid7",
     "uuid7_at",
 ]

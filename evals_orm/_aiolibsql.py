@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import time
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, TypeVar
 
-import libsql_experimental
+# The driver's Rust logger writes to stdout (replica handshakes, a primary
+# that is down) and reads RUST_LOG once, when the driver loads: silence it
+# unless the host asked for its lines, so stdout (the CLI's --json) stays clean.
+os.environ.setdefault("RUST_LOG", "off")
+
+import libsql_experimental  # after RUST_LOG is set
 from sqlalchemy import pool
 from sqlalchemy.connectors.asyncio import (
     AsyncAdapt_dbapi_connection,

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
@@ -26,9 +27,9 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePoo
 from sqlalchemy.util import await_
 
 from evals_orm._aiolibsql import BUSY_TIMEOUT_MS, AsyncLibsqlDialect
-from evals_orm.errors import ConfigurationError
+from evals_orm.errors import ConfigurationError, DatabaseError
 
-__all__ = ["BUSY_TIMEOUT_MS", "create_async_engine", "create_engine"]
+__all__ = ["BUSY_TIMEOUT_MS", "create_async_engine", "create_engine", "sync"]
 
 # The pyproject entry point makes the URL resolve in any process (Alembic's
 # included); registering here also covers a source tree that is not installed.
@@ -56,24 +57,53 @@ _ASYNC_DRIVERS = {
 }
 
 _E = TypeVar("_E", Engine, AsyncEngine)
+# Engines made with sync_url: the ones ``sync`` may pull into.
+_REPLICAS: weakref.WeakSet[Engine] = weakref.WeakSet()
 _Family = Literal["sqlite", "libsql", "libsql-remote", "postgresql"]
 
 
 @attrs.frozen
 class _Target:
-    """What a URL names: the backend family, the driver URL and the auth token."""
+    """What a URL names: the backend family, the driver URL and the secrets."""
 
     family: _Family
     url: URL
-    auth_token: str | None
+    auth_token: str | None = attrs.field(repr=False)
     is_async: bool
+    # An embedded replica of this libSQL file: the primary's URL and the
+    # seconds between background syncs (None: only ``sync()`` pulls).
+    sync_url: str | None = None
+    sync_interval: float | None = None
+    encryption_key: str | None = attrs.field(default=None, repr=False)
 
     @property
     def in_memory(self) -> bool:
         return self.family in ("sqlite", "libsql") and self.url.database in (None, "", ":memory:")
 
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(secret for secret in (self.auth_token, self.encryption_key) if secret)
 
-def create_engine(url: str | URL, *, auth_token: str | None = None, **engine_kwargs: Any) -> Engine:
+    def connect_args(self) -> dict[str, Any]:
+        """Return the driver's connect arguments that carry the secrets and the replica."""
+        options = {
+            "auth_token": self.auth_token,
+            "sync_url": self.sync_url,
+            "sync_interval": self.sync_interval,
+            "encryption_key": self.encryption_key,
+        }
+        return {name: value for name, value in options.items() if value is not None}
+
+
+def create_engine(
+    url: str | URL,
+    *,
+    auth_token: str | None = None,
+    sync_url: str | None = None,
+    sync_interval: float | None = None,
+    encryption_key: str | None = None,
+    **engine_kwargs: Any,
+) -> Engine:
     """Create an Engine for SQLite, libSQL (embedded or remote) or PostgreSQL.
 
     Any sync driver of those dialects is accepted (``postgresql+psycopg2``,
@@ -82,14 +112,45 @@ def create_engine(url: str | URL, *, auth_token: str | None = None, **engine_kwa
     by every connection; remote libSQL gets a real connection pool.
     ``auth_token`` (or an ``authToken`` query parameter) is sent as a bearer
     token and never kept in the URL.
+
+    A libSQL file with ``sync_url`` is an embedded replica of that primary
+    (``sync(engine)`` pulls; ``sync_interval`` seconds also pull in the
+    background); ``encryption_key`` encrypts a libSQL file at rest. Neither
+    the token nor the key is ever shown in a URL, repr, log or error.
     """
     target = _resolve(url, auth_token)
+    target = _with_libsql_options(target, sync_url, sync_interval, encryption_key)
     if target.is_async:
         raise ConfigurationError(
             f"{target.url.drivername!r} is an asyncio driver; "
             "use evals_orm.create_async_engine for it, or a sync driver with create_engine"
         )
-    return _build(sa.create_engine, target, engine_kwargs)
+    engine = _build(sa.create_engine, target, engine_kwargs)
+    if target.sync_url is not None:
+        _REPLICAS.add(engine)
+    return engine
+
+
+def sync(engine: Engine) -> Any:
+    """Pull the primary's changes into an embedded-replica engine; return what the driver reports.
+
+    Raises ``DatabaseError`` naming the cause when the primary cannot be
+    reached; reads of the replica keep working from its local file meanwhile.
+    """
+    if engine not in _REPLICAS:
+        raise ConfigurationError(
+            "evals_orm.sync needs an embedded-replica engine "
+            "(create_engine('sqlite+libsql:///PATH', sync_url=...))"
+        )
+    try:
+        with engine.connect() as connection:
+            return connection.connection.dbapi_connection.sync()  # type: ignore[union-attr]
+    except (ValueError, sa.exc.DBAPIError) as error:
+        cause = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        raise DatabaseError(
+            f"cannot sync the embedded replica with its primary ({_redact(cause)}); "
+            "check the sync URL, the auth token and that the primary is running"
+        ) from None
 
 
 def create_async_engine(
@@ -111,13 +172,7 @@ def create_async_engine(
 
 
 def _resolve(url: str | URL, auth_token: str | None) -> _Target:
-    parsed = _parse(url)
-    query = dict(parsed.query)
-    for key in _TOKEN_QUERY_KEYS:
-        token = query.pop(key, None)
-        if token is not None and auth_token is None:
-            auth_token = token if isinstance(token, str) else token[0]
-    parsed = parsed.set(query=query)
+    parsed, auth_token = _without_token(_parse(url), auth_token)
     if parsed.drivername in _REMOTE_SCHEMES:
         return _Target("libsql-remote", _remote_url(parsed), auth_token, is_async=False)
     name, _, driver = parsed.drivername.partition("+")
@@ -144,6 +199,50 @@ def _resolve(url: str | URL, auth_token: str | None) -> _Target:
     else:
         family = "libsql"
     return _Target(family, parsed, auth_token, is_async)
+
+
+def _without_token(url: URL, auth_token: str | None) -> tuple[URL, str | None]:
+    """Move an ``authToken`` query parameter out of ``url`` (``auth_token`` wins)."""
+    query = dict(url.query)
+    for key in _TOKEN_QUERY_KEYS:
+        token = query.pop(key, None)
+        if token is not None and auth_token is None:
+            auth_token = token if isinstance(token, str) else token[0]
+    return url.set(query=query), auth_token
+
+
+def _with_libsql_options(
+    target: _Target,
+    sync_url: str | None,
+    sync_interval: float | None,
+    encryption_key: str | None,
+) -> _Target:
+    """Add the embedded-replica and encryption options, refusing them where they mean nothing."""
+    local_libsql = target.family == "libsql" and not target.in_memory
+    if encryption_key is not None and not local_libsql:
+        raise ConfigurationError(
+            "encryption_key needs a libSQL file URL (sqlite+libsql:///PATH); "
+            "SQLite files, memory and remote databases cannot take one"
+        )
+    if sync_url is None:
+        if sync_interval is not None:
+            raise ConfigurationError("sync_interval needs sync_url (the primary to sync from)")
+        return attrs.evolve(target, encryption_key=encryption_key)
+    if not local_libsql:
+        raise ConfigurationError(
+            "an embedded replica (sync_url) needs a libSQL file URL (sqlite+libsql:///PATH)"
+        )
+    primary, auth_token = _without_token(_parse(sync_url), target.auth_token)
+    remote = _remote_url(primary)
+    scheme = "https" if remote.query.get("secure") == "true" else "http"
+    primary_url = remote.set(drivername=scheme, query={}).render_as_string(hide_password=False)
+    return attrs.evolve(
+        target,
+        auth_token=auth_token,
+        sync_url=primary_url,
+        sync_interval=sync_interval,
+        encryption_key=encryption_key,
+    )
 
 
 def _parse(url: str | URL) -> URL:
@@ -185,11 +284,11 @@ def _remote_url(url: URL) -> URL:
 def _build(factory: Callable[..., _E], target: _Target, engine_kwargs: dict[str, Any]) -> _E:
     """Create the engine of ``target`` with ``factory`` and install its driver's quirks."""
     kwargs = dict(engine_kwargs)
-    connect_args = dict(kwargs.pop("connect_args", {}))
-    if target.auth_token is not None:
-        if target.family != "libsql-remote":
-            raise ConfigurationError("auth_token is only used with a remote libSQL URL")
-        connect_args["auth_token"] = target.auth_token
+    if target.auth_token is not None and target.family != "libsql-remote" and not target.sync_url:
+        raise ConfigurationError(
+            "auth_token is only used with a remote libSQL URL or an embedded replica's sync_url"
+        )
+    connect_args = {**kwargs.pop("connect_args", {}), **target.connect_args()}
     asynchronous = factory is _sa_create_async_engine
     if target.in_memory:
         # One connection, so every Session and thread sees the same database.
@@ -211,22 +310,25 @@ def _build(factory: Callable[..., _E], target: _Target, engine_kwargs: dict[str,
         ) from None
     sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
     if target.family in ("sqlite", "libsql"):
-        event.listen(sync_engine, "connect", _pragma_hook(sync_engine.dialect, target.in_memory))
+        # An in-memory database has no file to tune; a replica refuses the
+        # file pragmas ("unsupported statement"): its file is the driver's.
+        file_pragmas = not (target.in_memory or target.sync_url)
+        event.listen(sync_engine, "connect", _pragma_hook(sync_engine.dialect, file_pragmas))
     if target.family in ("libsql", "libsql-remote"):
-        _typed_connect_errors(sync_engine, target.auth_token)
+        _typed_connect_errors(sync_engine, target)
     _translate_errors(sync_engine, target)
     return engine
 
 
 def _pragma_hook(
-    dialect: sa.Dialect, in_memory: bool
+    dialect: sa.Dialect, file_pragmas: bool
 ) -> Callable[[DBAPIConnection, ConnectionPoolEntry], None]:
     if isinstance(dialect, AsyncLibsqlDialect):
         # The pragmas (and the WAL retry's sleeps) run on the connection's own
         # thread, never on the event loop.
         # The adapter waits for locks itself (busy timeout 0), without the GIL.
         set_on_thread = functools.partial(
-            _set_pragmas, in_memory=in_memory, sleep=time.sleep, busy_timeout_ms=0
+            _set_pragmas, file_pragmas=file_pragmas, sleep=time.sleep, busy_timeout_ms=0
         )
 
         def on_thread(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
@@ -237,7 +339,10 @@ def _pragma_hook(
 
     def hook(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
         _set_pragmas(
-            dbapi_connection, in_memory=in_memory, sleep=sleep, busy_timeout_ms=BUSY_TIMEOUT_MS
+            dbapi_connection,
+            file_pragmas=file_pragmas,
+            sleep=sleep,
+            busy_timeout_ms=BUSY_TIMEOUT_MS,
         )
 
     return hook
@@ -250,7 +355,7 @@ def _sleep_on_loop(seconds: float) -> None:
 def _set_pragmas(
     dbapi_connection: Any,
     *,
-    in_memory: bool,
+    file_pragmas: bool,
     sleep: Callable[[float], None],
     busy_timeout_ms: int,
 ) -> None:
@@ -259,7 +364,7 @@ def _set_pragmas(
         # libSQL enforces foreign keys by default; stdlib SQLite must
         # match it so both behave the same.
         cursor.execute("PRAGMA foreign_keys=ON")
-        if not in_memory:
+        if file_pragmas:
             cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
             _switch_to_wal(cursor, sleep)
             # The checkpoints' primary key is a random UUID: its inserts
@@ -295,9 +400,9 @@ def _switch_to_wal(cursor: Any, sleep: Callable[[float], None]) -> None:
         pause = min(2 * pause, 0.05)
 
 
-def _redact(text: str, token: str | None = None) -> str:
-    if token:
-        text = text.replace(token, "***")
+def _redact(text: str, *secrets: str) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
     for key in _TOKEN_QUERY_KEYS:
         start = text.find(f"{key}=")
         while start != -1:
@@ -314,18 +419,24 @@ def _is_panic(error: BaseException) -> bool:
     return type(error).__name__ == "PanicException"
 
 
-def _driver_failure(error: BaseException, token: str | None) -> ValueError:
-    """Return the libSQL error as a ValueError with a readable, token-free message."""
-    message = _redact(str(error), token)
+def _driver_failure(error: BaseException, target: _Target) -> ValueError:
+    """Return the libSQL error as a ValueError with a readable message free of secrets."""
+    message = _redact(str(error), *target.secrets)
     if _is_panic(error):
         # A panic inside the driver comes from a page it cannot decode.
         message = f"database disk image is malformed (the libSQL driver panicked: {message})"
+    elif message == "file is not a database" and target.family == "libsql":
+        message = (
+            "the libSQL file cannot be decrypted with this encryption key (or it is not a database)"
+            if target.encryption_key
+            else "file is not a database (or it is encrypted: pass its encryption_key)"
+        )
     return ValueError(message)
 
 
 def _translate_errors(engine: Engine, target: _Target) -> None:
-    """Turn libSQL's bare ``ValueError``s and panics into typed errors; hide the token."""
-    token = target.auth_token
+    """Turn libSQL's bare ``ValueError``s and panics into typed errors; hide the secrets."""
+    secrets = target.secrets
     libsql = target.family in ("libsql", "libsql-remote")
 
     @event.listens_for(engine, "handle_error")
@@ -339,7 +450,7 @@ def _translate_errors(engine: Engine, target: _Target) -> None:
             context.execution_context is not None or context.statement is None
         )
         if from_driver and (isinstance(original, ValueError) or _is_panic(original)):
-            failure = _driver_failure(original, token)
+            failure = _driver_failure(original, target)
             message = str(failure)
             error_class: type[sa.exc.DBAPIError] = (
                 sa.exc.IntegrityError
@@ -351,12 +462,12 @@ def _translate_errors(engine: Engine, target: _Target) -> None:
                 # the pool must drop this connection.
                 context.is_disconnect = True
             return error_class(context.statement, None, failure, connection_invalidated=False)
-        if token and token in str(original):
-            return type(original)(_redact(str(original), token))
+        if any(secret in str(original) for secret in secrets):
+            return type(original)(_redact(str(original), *secrets))
         return None
 
 
-def _typed_connect_errors(engine: Engine, token: str | None) -> None:
+def _typed_connect_errors(engine: Engine, target: _Target) -> None:
     """Make a failed libSQL connect raise SQLAlchemy's ``OperationalError``.
 
     libSQL raises a bare ``ValueError`` when it cannot connect (a panic on
@@ -377,5 +488,5 @@ def _typed_connect_errors(engine: Engine, token: str | None) -> None:
         except BaseException as error:
             if not (isinstance(error, ValueError) or _is_panic(error)):
                 raise
-            raise sa.exc.OperationalError(None, None, _driver_failure(error, token)) from None
+            raise sa.exc.OperationalError(None, None, _driver_failure(error, target)) from None
         return connection
