@@ -313,11 +313,35 @@ def _build(factory: Callable[..., _E], target: _Target, engine_kwargs: dict[str,
         # An in-memory database has no file to tune; a replica refuses the
         # file pragmas ("unsupported statement"): its file is the driver's.
         file_pragmas = not (target.in_memory or target.sync_url)
-        event.listen(sync_engine, "connect", _pragma_hook(sync_engine.dialect, file_pragmas))
+        hook = _pragma_hook(sync_engine.dialect, file_pragmas)
+        if target.family == "libsql":
+            hook = _typed_pragma_errors(hook, target)
+        event.listen(sync_engine, "connect", hook)
     if target.family in ("libsql", "libsql-remote"):
         _typed_connect_errors(sync_engine, target)
     _translate_errors(sync_engine, target)
     return engine
+
+
+def _typed_pragma_errors(
+    hook: Callable[[DBAPIConnection, ConnectionPoolEntry], None], target: _Target
+) -> Callable[[DBAPIConnection, ConnectionPoolEntry], None]:
+    """Raise libSQL's failures in the connect-time pragmas as ``OperationalError``.
+
+    They happen while the pool connects, where SQLAlchemy wraps only the
+    DBAPI's own ``Error``; the first pragma is also where a wrong encryption
+    key shows ("file is not a database").
+    """
+
+    def typed(dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+        try:
+            hook(dbapi_connection, record)
+        except BaseException as error:
+            if not _is_libsql_failure(error):
+                raise
+            raise sa.exc.OperationalError(None, None, _driver_failure(error, target)) from None
+
+    return typed
 
 
 def _pragma_hook(
@@ -393,9 +417,7 @@ def _switch_to_wal(cursor: Any, sleep: Callable[[float], None]) -> None:
         # libSQL raises a bare ValueError where sqlite3 raises OperationalError.
         except (sqlite3.OperationalError, ValueError) as error:
             if "database is locked" not in str(error) or time.monotonic() + pause > deadline:
-                if isinstance(error, sqlite3.OperationalError):
-                    raise
-                raise sa.exc.OperationalError("PRAGMA journal_mode=WAL", None, error) from None
+                raise
         sleep(pause)
         pause = min(2 * pause, 0.05)
 
@@ -417,6 +439,11 @@ def _redact(text: str, *secrets: str) -> str:
 def _is_panic(error: BaseException) -> bool:
     # pyo3's PanicException derives from BaseException and cannot be imported.
     return type(error).__name__ == "PanicException"
+
+
+def _is_libsql_failure(error: BaseException) -> bool:
+    """Tell whether ``error`` is how the libSQL driver fails: a bare ValueError or a panic."""
+    return isinstance(error, ValueError) or _is_panic(error)
 
 
 def _driver_failure(error: BaseException, target: _Target) -> ValueError:
@@ -449,7 +476,7 @@ def _translate_errors(engine: Engine, target: _Target) -> None:
         from_driver = libsql and (
             context.execution_context is not None or context.statement is None
         )
-        if from_driver and (isinstance(original, ValueError) or _is_panic(original)):
+        if from_driver and _is_libsql_failure(original):
             failure = _driver_failure(original, target)
             message = str(failure)
             error_class: type[sa.exc.DBAPIError] = (
@@ -486,7 +513,7 @@ def _typed_connect_errors(engine: Engine, target: _Target) -> None:
             if remote:
                 connection.execute("SELECT 1")
         except BaseException as error:
-            if not (isinstance(error, ValueError) or _is_panic(error)):
+            if not _is_libsql_failure(error):
                 raise
             raise sa.exc.OperationalError(None, None, _driver_failure(error, target)) from None
         return connection

@@ -11,13 +11,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from conftest import Database
 from sqlalchemy.pool import QueuePool, StaticPool
 
-from evals_orm import ConfigurationError, create_engine
+from evals_orm import ConfigurationError, DatabaseError, create_engine, sync
 from evals_orm.engine import BUSY_TIMEOUT_MS
 
 from sqld import running_sqld
@@ -270,11 +271,11 @@ def _remote_only(database: Database) -> str:
 def test_token_is_absent_from_repr_and_url(database: Database) -> None:
     """The auth token appears in no rendering of the engine or its URL."""
     token = _remote_only(database)
-    for url, kwargs in (
-        (database.url, {"auth_token": token}),
-        (f"libsql://{database.url.split('://')[1]}?tls=0&authToken={token}", {}),
+    for url, auth_token in (
+        (database.url, token),
+        (f"libsql://{database.url.split('://')[1]}?tls=0&authToken={token}", None),
     ):
-        engine = create_engine(url, **kwargs)
+        engine = create_engine(url, auth_token=auth_token)
         renderings = (
             repr(engine),
             str(engine.url),
@@ -382,3 +383,164 @@ def test_corrupt_libsql_file_raises_a_typed_error(tmp_path: Path) -> None:
         connection.exec_driver_sql("SELECT name FROM names").all()
     engine.dispose()
     assert "database disk image is malformed" in str(raised.value)
+
+
+def _replica(path: Path, primary: str, token: str) -> sa.Engine:
+    return create_engine(f"sqlite+libsql:///{path}", sync_url=primary, auth_token=token)
+
+
+def _values(engine: sa.Engine) -> list[str]:
+    with engine.connect() as connection:
+        return list(connection.exec_driver_sql("SELECT value FROM notes ORDER BY value").scalars())
+
+
+def test_replicas_see_the_primary_s_writes_after_sync_only(tmp_path: Path) -> None:
+    """Two embedded replicas see a batch written on the primary after ``sync``, not before."""
+    with running_sqld(tmp_path / "sqld") as server:
+        primary = create_engine(server.url, auth_token=server.auth_token)
+        with primary.begin() as connection:
+            connection.exec_driver_sql("CREATE TABLE notes (value TEXT)")
+            connection.exec_driver_sql("INSERT INTO notes VALUES ('first')")
+        replicas = [
+            _replica(tmp_path / f"replica{n}.db", server.url, server.auth_token) for n in (1, 2)
+        ]
+        for replica in replicas:
+            sync(replica)
+        with primary.begin() as connection:
+            connection.exec_driver_sql("INSERT INTO notes VALUES ('second'), ('third')")
+        before = [_values(replica) for replica in replicas]
+        for replica in replicas:
+            sync(replica)
+        after = [_values(replica) for replica in replicas]
+        for engine in (primary, *replicas):
+            engine.dispose()
+    assert [["first"], ["first"]] == before
+    assert [["first", "second", "third"]] * 2 == after
+
+
+def test_a_replica_reads_while_its_primary_is_down_and_sync_says_why(tmp_path: Path) -> None:
+    """With the primary stopped, replica reads still work; ``sync`` raises one clear sentence."""
+    with running_sqld(tmp_path / "sqld") as server:
+        with create_engine(server.url, auth_token=server.auth_token).begin() as connection:
+            connection.exec_driver_sql("CREATE TABLE notes (value TEXT)")
+            connection.exec_driver_sql("INSERT INTO notes VALUES ('kept')")
+        replica = _replica(tmp_path / "replica.db", server.url, server.auth_token)
+        sync(replica)
+    with pytest.raises(DatabaseError) as raised:
+        sync(replica)
+    values = _values(replica)
+    replica.dispose()
+    message = str(raised.value)
+    assert ["kept"] == values
+    assert message.startswith("cannot sync the embedded replica with its primary (")
+    assert "primary is running" in message
+    assert "\n" not in message
+    assert server.auth_token not in message
+
+
+_SYNC_WITH_THE_PRIMARY_DOWN = """
+import sys
+from evals_orm import DatabaseError, create_engine, sync
+engine = create_engine(f"sqlite+libsql:///{sys.argv[1]}", sync_url=sys.argv[2])
+try:
+    sync(engine)
+except DatabaseError as error:
+    print(error, file=sys.stderr)
+"""
+
+
+def test_the_driver_s_log_lines_never_reach_stdout(tmp_path: Path) -> None:
+    """A replica failing to reach its primary prints nothing on stdout (the CLI's --json)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _SYNC_WITH_THE_PRIMARY_DOWN,
+            str(tmp_path / "replica.db"),
+            f"http://127.0.0.1:{_closed_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={key: value for key, value in os.environ.items() if key != "RUST_LOG"},
+    )
+    assert ("", 1) == (result.stdout, len(result.stderr.splitlines()))
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "message"),
+    [
+        ("sqlite:///x.db", {"sync_url": "http://h:8080"}, "needs a libSQL file URL"),
+        ("sqlite+libsql://", {"sync_url": "http://h:8080"}, "needs a libSQL file URL"),
+        ("sqlite+libsql:///x.db", {"sync_url": "http://h:abc"}, "cannot parse"),
+        ("sqlite+libsql:///x.db", {"sync_interval": 5}, "sync_interval needs sync_url"),
+        ("sqlite:///x.db", {"encryption_key": "k"}, "encryption_key needs a libSQL file URL"),
+        ("sqlite+libsql://", {"encryption_key": "k"}, "encryption_key needs a libSQL file URL"),
+        ("http://h:8080", {"encryption_key": "k"}, "encryption_key needs a libSQL file URL"),
+    ],
+)
+def test_replica_and_encryption_options_where_they_mean_nothing(
+    url: str, options: dict[str, Any], message: str
+) -> None:
+    """sync_url, sync_interval and encryption_key on a URL that cannot use them are refused."""
+    with pytest.raises(ConfigurationError, match=message):
+        create_engine(url, **options)
+
+
+def test_sync_refuses_an_engine_that_is_not_a_replica(tmp_path: Path) -> None:
+    """``sync`` on an ordinary engine is a ConfigurationError that says what it needs."""
+    engine = create_engine(f"sqlite+libsql:///{tmp_path / 'plain.db'}")
+    with pytest.raises(ConfigurationError, match="needs an embedded-replica engine"):
+        sync(engine)
+
+
+_KEY = "correct-horse-battery-staple-key"
+_CANARY = "plaintext-canary-value"
+
+
+def _encrypted(path: Path, key: str | None, **kwargs: Any) -> sa.Engine:
+    return create_engine(f"sqlite+libsql:///{path}", encryption_key=key, **kwargs)
+
+
+def test_an_encrypted_file_holds_no_plaintext_and_opens_with_its_key(tmp_path: Path) -> None:
+    """A libSQL file created with a key has no readable text; the key reads it back."""
+    path = tmp_path / "secret.db"
+    engine = _encrypted(path, _KEY)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE notes (value TEXT)")
+        connection.exec_driver_sql(f"INSERT INTO notes VALUES ('{_CANARY}')")
+    engine.dispose()
+    stored = b"".join(file.read_bytes() for file in tmp_path.iterdir())
+    again = _encrypted(path, _KEY)
+    values = _values(again)
+    again.dispose()
+    assert _CANARY.encode() not in stored
+    assert b"CREATE TABLE" not in stored
+    assert [_CANARY] == values
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("a-wrong-key-for-this-file", "cannot be decrypted with this encryption key"),
+        (None, "or it is encrypted: pass its encryption_key"),
+    ],
+)
+def test_a_wrong_or_missing_key_is_one_sentence_without_the_key(
+    tmp_path: Path, key: str | None, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Opening an encrypted file with a wrong key or none says so; no output shows any key."""
+    path = tmp_path / "secret.db"
+    engine = _encrypted(path, _KEY)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE notes (value TEXT)")
+    engine.dispose()
+    caplog.set_level(logging.DEBUG)
+    opened = _encrypted(path, key, echo="debug")
+    with pytest.raises(sa.exc.OperationalError, match=message) as raised:
+        opened.connect()
+    outputs = [str(raised.value), repr(raised.value), repr(opened), str(opened.url)]
+    outputs += [record.getMessage() for record in caplog.records]
+    opened.dispose()
+    assert [] == [text for text in outputs if _KEY in text or (key and key in text)]
+    assert 1 == len(str(raised.value.orig).splitlines())
