@@ -154,16 +154,21 @@ def sync(engine: Engine) -> Any:
 
 
 def create_async_engine(
-    url: str | URL, *, auth_token: str | None = None, **engine_kwargs: Any
+    url: str | URL,
+    *,
+    auth_token: str | None = None,
+    encryption_key: str | None = None,
+    **engine_kwargs: Any,
 ) -> AsyncEngine:
     """Create an AsyncEngine for any URL ``create_engine`` takes, with an asyncio driver.
 
     SQLite gets aiosqlite, PostgreSQL psycopg 3's async mode (or asyncpg when
     the URL names it), libSQL (embedded and remote) the package's
     ``sqlite+evals_aiolibsql`` adapter, which runs each connection on its own
-    thread. The quirks, pools and token handling are those of ``create_engine``.
+    thread. The quirks, pools, token and encryption key handling are those of
+    ``create_engine``; embedded replicas are sync engines only.
     """
-    target = _resolve(url, auth_token)
+    target = _with_libsql_options(_resolve(url, auth_token), None, None, encryption_key)
     if not target.is_async or target.family in ("libsql", "libsql-remote"):
         # Every libSQL URL gets the package's adapter: sqlalchemy-libsql's
         # aiolibsql blocks the event loop on every call.

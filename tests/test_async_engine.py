@@ -379,3 +379,32 @@ def test_corrupt_libsql_file_raises_a_typed_error(tmp_path: Path) -> None:
 
 async def _read_all(connection: AsyncConnection) -> None:
     (await connection.exec_driver_sql("SELECT name FROM names")).all()
+
+
+def test_an_encrypted_libsql_file_through_the_async_engine(tmp_path: Path) -> None:
+    """The async engine writes an encrypted libSQL file and reads it back with the key only."""
+    key, canary = "async-encryption-key-value", "async-plaintext-canary"
+    url = f"sqlite+libsql:///{tmp_path / 'secret.db'}"
+
+    async def write_then_read() -> tuple[list[object], str]:
+        engine = create_async_engine(url, encryption_key=key)
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("CREATE TABLE notes (value TEXT)")
+            await connection.exec_driver_sql(f"INSERT INTO notes VALUES ('{canary}')")
+        await engine.dispose()
+        engine = create_async_engine(url, encryption_key=key)
+        async with engine.connect() as connection:
+            values = list((await connection.exec_driver_sql("SELECT value FROM notes")).scalars())
+        await engine.dispose()
+        keyless = create_async_engine(url)
+        with pytest.raises(sa.exc.OperationalError) as raised:
+            await keyless.connect()
+        await keyless.dispose()
+        return values, str(raised.value)
+
+    values, error = asyncio.run(write_then_read())
+    stored = b"".join(file.read_bytes() for file in tmp_path.iterdir())
+    assert [canary] == values
+    assert canary.encode() not in stored
+    assert "pass its encryption_key" in error
+    assert key not in error
