@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,7 @@ def test_file_databases_get_foreign_keys_wal_and_busy_timeout(database: Database
 
 _HOLD_WRITE_LOCK = """
 import sys, time
+from collections.abc import Iterator
 from pathlib import Path
 driver, path, release = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 module = __import__(driver)
@@ -544,3 +546,42 @@ def test_a_wrong_or_missing_key_is_one_sentence_without_the_key(
     opened.dispose()
     assert [] == [text for text in outputs if _KEY in text or (key and key in text)]
     assert 1 == len(str(raised.value.orig).splitlines())
+
+
+@pytest.fixture
+def tiny_directory(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a 256 KiB tmpfs, or a skip where mounting one is not allowed."""
+    directory = tmp_path / "tiny"
+    directory.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(directory)]
+    try:
+        mounted = subprocess.run(mount, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        pytest.skip("no mount command to make a small filesystem")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+@pytest.mark.parametrize("scheme", ["sqlite", "sqlite+libsql"])
+def test_a_commit_on_a_full_disk_raises_a_typed_error(scheme: str, tiny_directory: Path) -> None:
+    """A commit that does not fit on the disk raises OperationalError and keeps nothing.
+
+    libSQL raises a bare ``ValueError`` from ``commit()``, outside any statement.
+    """
+    engine = create_engine(f"{scheme}:///{tiny_directory / 'full.db'}")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE big (value TEXT)")
+    connection = engine.connect()
+    for _ in range(100):  # about 400 KB: held in the page cache until the commit
+        connection.exec_driver_sql("INSERT INTO big VALUES (?)", ("x" * 4000,))
+    with pytest.raises(sa.exc.OperationalError, match="database or disk is full"):
+        connection.commit()
+    connection.close()
+    with engine.connect() as reader:
+        count = reader.exec_driver_sql("SELECT count(*) FROM big").scalar()
+    engine.dispose()
+    assert 0 == count
