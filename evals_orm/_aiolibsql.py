@@ -28,8 +28,10 @@ from sqlalchemy import pool
 from sqlalchemy.connectors.asyncio import (
     AsyncAdapt_dbapi_connection,
     AsyncAdapt_dbapi_module,
+    AsyncAdapt_dbapi_ss_cursor,
     AsyncAdapt_terminate,
 )
+from sqlalchemy.dialects.sqlite.base import SQLiteExecutionContext
 from sqlalchemy.engine import URL
 from sqlalchemy.util import await_
 from sqlalchemy_libsql.libsql import SQLiteDialect_libsql
@@ -67,8 +69,8 @@ class _ThreadConnection:
     def submit(self, function: Callable[..., _T], *args: Any) -> concurrent.futures.Future[_T]:
         return self._executor.submit(function, *args)
 
-    def cursor(self) -> _ThreadCursor:
-        return _ThreadCursor(self)
+    def cursor(self, *, streaming: bool = False) -> _ThreadCursor:
+        return _ThreadStreamingCursor(self) if streaming else _ThreadCursor(self)
 
     async def commit(self) -> None:
         await self.run(self.raw.commit)
@@ -100,6 +102,7 @@ class _ThreadCursor:
     """A libSQL cursor whose rows are fetched on the connection's thread with the execute."""
 
     arraysize = 1
+    _prefetch = True
 
     def __init__(self, connection: _ThreadConnection) -> None:
         self._connection = connection
@@ -140,7 +143,7 @@ class _ThreadCursor:
         self.description = cursor.description
         self.rowcount = cursor.rowcount
         self.lastrowid = cursor.lastrowid
-        self._rows = cursor.fetchall() if cursor.description else []
+        self._rows = cursor.fetchall() if cursor.description and self._prefetch else []
 
     async def fetchall(self) -> list[Any]:
         rows, self._rows = self._rows, []
@@ -152,11 +155,41 @@ class _ThreadCursor:
         self._connection.submit(self._cursor.close)
 
 
+class _ThreadStreamingCursor(_ThreadCursor):
+    """A cursor whose rows stay in the driver until fetched, a batch at a time (``stream()``)."""
+
+    _prefetch = False
+
+    async def fetchone(self) -> Any:
+        return await self._connection.run(self._cursor.fetchone)
+
+    async def fetchmany(self, size: int | None = None) -> list[Any]:
+        rows: list[Any] = await self._connection.run(self._cursor.fetchmany, size or self.arraysize)
+        return rows
+
+    async def fetchall(self) -> list[Any]:
+        rows: list[Any] = await self._connection.run(self._cursor.fetchall)
+        return rows
+
+
+class _AdaptedStreamingCursor(AsyncAdapt_dbapi_ss_cursor):
+    __slots__ = ()
+
+    def _make_new_cursor(self, connection: Any) -> Any:
+        return connection.cursor(streaming=True)
+
+
+class _ExecutionContext(SQLiteExecutionContext):
+    def create_server_side_cursor(self) -> Any:
+        return self._dbapi_connection.cursor(server_side=True)
+
+
 class AsyncLibsqlConnection(AsyncAdapt_terminate, AsyncAdapt_dbapi_connection):
     """The DBAPI connection SQLAlchemy sees; each call waits for the libSQL thread."""
 
     __slots__ = ()
     _connection: _ThreadConnection  # type: ignore[assignment]
+    _ss_cursor_cls = _AdaptedStreamingCursor
 
     def run_on_thread(self, function: Callable[[Any], _T]) -> _T:
         """Call ``function(libsql_connection)`` on the connection's thread (greenlet context)."""
@@ -213,6 +246,8 @@ class AsyncLibsqlDialect(SQLiteDialect_libsql):  # type: ignore[misc]
     is_async = True
     has_terminate = True
     supports_statement_cache = True
+    supports_server_side_cursors = True
+    execution_ctx_cls = _ExecutionContext
 
     @classmethod
     def import_dbapi(cls) -> _AsyncLibsqlModule:

@@ -408,3 +408,18 @@ def test_an_encrypted_libsql_file_through_the_async_engine(tmp_path: Path) -> No
     assert canary.encode() not in stored
     assert "pass its encryption_key" in error
     assert key not in error
+
+
+def test_stream_reads_rows_in_batches(database: Database) -> None:
+    """``AsyncConnection.stream`` works on every backend (libSQL: a server-side cursor)."""
+    numbers = sa.text(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000) "
+        "SELECT i FROM n"
+    )
+
+    async def stream(engine: AsyncEngine) -> list[int]:
+        async with engine.connect() as connection:
+            result = await connection.stream(numbers)
+            return [len(batch) async for batch in result.partitions(100)]
+
+    assert [100] * 10 == _using(database, stream)
