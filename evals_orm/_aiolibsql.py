@@ -127,7 +127,11 @@ class _ThreadCursor:
         # The driver keeps the GIL while SQLite's busy handler waits for a
         # lock, which would freeze the event loop and with it the task that
         # holds the lock. The connection's busy timeout is 0 instead, and the
-        # wait happens here, in sleeps that release the GIL.
+        # wait happens here, in sleeps that release the GIL. Only a statement
+        # that opens the transaction waits: inside one, "locked" can mean a
+        # stale WAL snapshot, which waiting never cures (SQLite's own busy
+        # handler does not wait for it either).
+        opens_transaction = not self._connection.raw.in_transaction
         deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
         pause = 0.001
         while True:
@@ -135,7 +139,8 @@ class _ThreadCursor:
                 getattr(cursor, method)(operation, parameters)
                 break
             except ValueError as error:
-                if "database is locked" not in str(error) or time.monotonic() + pause > deadline:
+                locked = "database is locked" in str(error)
+                if not (locked and opens_transaction) or time.monotonic() + pause > deadline:
                     raise
             time.sleep(pause)
             pause = min(2 * pause, 0.05)

@@ -423,3 +423,29 @@ def test_stream_reads_rows_in_batches(database: Database) -> None:
             return [len(batch) async for batch in result.partitions(100)]
 
     assert [100] * 10 == _using(database, stream)
+
+
+def test_a_stale_snapshot_fails_at_once_instead_of_waiting(tmp_path: Path) -> None:
+    """A libSQL transaction whose snapshot another writer outdated fails at once, typed.
+
+    Waiting cannot cure it (SQLite's busy handler does not wait either), so
+    the adapter's own lock wait must not spend the busy timeout on it.
+    """
+
+    async def outdated(engine: AsyncEngine) -> tuple[float, str]:
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("CREATE TABLE counted (value INTEGER)")
+        async with engine.connect() as reader, engine.connect() as writer:
+            await reader.exec_driver_sql("BEGIN")
+            await reader.exec_driver_sql("SELECT count(*) FROM counted")
+            await writer.exec_driver_sql("INSERT INTO counted VALUES (1)")
+            await writer.commit()
+            started = time.monotonic()
+            with pytest.raises(sa.exc.OperationalError) as raised:
+                await reader.exec_driver_sql("INSERT INTO counted VALUES (2)")
+            return time.monotonic() - started, str(raised.value)
+
+    database = Database("libsql", f"sqlite+libsql:///{tmp_path / 'snapshot.db'}")
+    elapsed, message = _using(database, outdated)
+    assert "database is locked" in message
+    assert elapsed < 2
