@@ -36,11 +36,36 @@ from sqlalchemy.engine import URL
 from sqlalchemy.util import await_
 from sqlalchemy_libsql.libsql import SQLiteDialect_libsql
 
-__all__ = ["BUSY_TIMEOUT_MS", "AsyncLibsqlConnection", "AsyncLibsqlDialect"]
+__all__ = ["BUSY_TIMEOUT_MS", "AsyncLibsqlConnection", "AsyncLibsqlDialect", "wait_for_lock"]
 
 BUSY_TIMEOUT_MS = 30_000
 
 _T = TypeVar("_T")
+
+
+def wait_for_lock(execute: Callable[[], _T], raw_connection: Any) -> _T:
+    """Run ``execute`` (a statement on ``raw_connection``), waiting while the database is locked.
+
+    The driver keeps the GIL while SQLite's busy handler waits for a lock, so
+    a waiting thread stops every other thread - the lock holder's included -
+    and an event loop with it. libSQL connections run with busy timeout 0,
+    and the wait happens here instead, in sleeps that release the GIL. Only
+    a statement that opens the transaction waits: inside one, "locked" can
+    mean a stale WAL snapshot, which waiting never cures (SQLite's own busy
+    handler does not wait for it either).
+    """
+    opens_transaction = not raw_connection.in_transaction
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    pause = 0.001
+    while True:
+        try:
+            return execute()
+        except ValueError as error:
+            locked = "database is locked" in str(error)
+            if not (locked and opens_transaction) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
 
 
 class _ThreadConnection:
@@ -124,26 +149,8 @@ class _ThreadCursor:
 
     def _execute(self, method: str, operation: str, parameters: Any) -> None:
         cursor = self._cursor
-        # The driver keeps the GIL while SQLite's busy handler waits for a
-        # lock, which would freeze the event loop and with it the task that
-        # holds the lock. The connection's busy timeout is 0 instead, and the
-        # wait happens here, in sleeps that release the GIL. Only a statement
-        # that opens the transaction waits: inside one, "locked" can mean a
-        # stale WAL snapshot, which waiting never cures (SQLite's own busy
-        # handler does not wait for it either).
-        opens_transaction = not self._connection.raw.in_transaction
-        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-        pause = 0.001
-        while True:
-            try:
-                getattr(cursor, method)(operation, parameters)
-                break
-            except ValueError as error:
-                locked = "database is locked" in str(error)
-                if not (locked and opens_transaction) or time.monotonic() + pause > deadline:
-                    raise
-            time.sleep(pause)
-            pause = min(2 * pause, 0.05)
+        execute = getattr(cursor, method)
+        wait_for_lock(lambda: execute(operation, parameters), self._connection.raw)
         # Everything the adapter reads afterwards is taken now, on this thread.
         self.description = cursor.description
         self.rowcount = cursor.rowcount

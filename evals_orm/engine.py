@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as _sa_create_async_engin
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool, StaticPool
 from sqlalchemy.util import await_
 
-from evals_orm._aiolibsql import BUSY_TIMEOUT_MS, AsyncLibsqlDialect
+from evals_orm._aiolibsql import BUSY_TIMEOUT_MS, AsyncLibsqlDialect, wait_for_lock
 from evals_orm.errors import ConfigurationError, DatabaseError
 
 __all__ = ["BUSY_TIMEOUT_MS", "create_async_engine", "create_engine", "sync"]
@@ -318,14 +318,40 @@ def _build(factory: Callable[..., _E], target: _Target, engine_kwargs: dict[str,
         # An in-memory database has no file to tune; a replica refuses the
         # file pragmas ("unsupported statement"): its file is the driver's.
         file_pragmas = not (target.in_memory or target.sync_url)
-        hook = _pragma_hook(sync_engine.dialect, file_pragmas)
+        # libSQL connections wait for locks in Python, not in the driver.
+        busy_timeout_ms = 0 if target.family == "libsql" else BUSY_TIMEOUT_MS
+        hook = _pragma_hook(sync_engine.dialect, file_pragmas, busy_timeout_ms)
         if target.family == "libsql":
             hook = _typed_pragma_errors(hook, target)
         event.listen(sync_engine, "connect", hook)
+        if target.family == "libsql" and not asynchronous:
+            _wait_for_locks_in_python(sync_engine)
     if target.family in ("libsql", "libsql-remote"):
         _typed_connect_errors(sync_engine, target)
     _translate_errors(sync_engine, target)
     return engine
+
+
+def _wait_for_locks_in_python(engine: Engine) -> None:
+    """Run every statement of a sync libSQL engine through ``wait_for_lock``."""
+
+    def raw(context: Any) -> Any:
+        return context.root_connection.connection.dbapi_connection
+
+    @event.listens_for(engine, "do_execute")
+    def execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        wait_for_lock(lambda: cursor.execute(statement, parameters), raw(context))
+        return True
+
+    @event.listens_for(engine, "do_execute_no_params")
+    def execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
+        wait_for_lock(lambda: cursor.execute(statement), raw(context))
+        return True
+
+    @event.listens_for(engine, "do_executemany")
+    def executemany(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        wait_for_lock(lambda: cursor.executemany(statement, parameters), raw(context))
+        return True
 
 
 def _typed_pragma_errors(
@@ -350,14 +376,16 @@ def _typed_pragma_errors(
 
 
 def _pragma_hook(
-    dialect: sa.Dialect, file_pragmas: bool
+    dialect: sa.Dialect, file_pragmas: bool, busy_timeout_ms: int
 ) -> Callable[[DBAPIConnection, ConnectionPoolEntry], None]:
     if isinstance(dialect, AsyncLibsqlDialect):
         # The pragmas (and the WAL retry's sleeps) run on the connection's own
         # thread, never on the event loop.
-        # The adapter waits for locks itself (busy timeout 0), without the GIL.
         set_on_thread = functools.partial(
-            _set_pragmas, file_pragmas=file_pragmas, sleep=time.sleep, busy_timeout_ms=0
+            _set_pragmas,
+            file_pragmas=file_pragmas,
+            sleep=time.sleep,
+            busy_timeout_ms=busy_timeout_ms,
         )
 
         def on_thread(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
@@ -371,7 +399,7 @@ def _pragma_hook(
             dbapi_connection,
             file_pragmas=file_pragmas,
             sleep=sleep,
-            busy_timeout_ms=BUSY_TIMEOUT_MS,
+            busy_timeout_ms=busy_timeout_ms,
         )
 
     return hook
