@@ -5,7 +5,7 @@ flags the blocking driver as async: every call still blocks the event loop.
 Here each libSQL connection lives on its own worker thread (its objects must
 stay on the thread that made them) and every call is awaited on that thread,
 the way aiosqlite serves sqlite3. Embedded files, memory and remote servers
-all work, and a cancelled task no longer waits for the driver.
+all work, and a cancelled task does not wait for its connection's thread.
 """
 
 from __future__ import annotations
@@ -36,20 +36,22 @@ from sqlalchemy.engine import URL
 from sqlalchemy.util import await_
 from sqlalchemy_libsql.libsql import SQLiteDialect_libsql
 
-__all__ = ["BUSY_TIMEOUT_MS", "AsyncLibsqlConnection", "AsyncLibsqlDialect", "wait_for_lock"]
+__all__ = ["BUSY_TIMEOUT_MS", "AsyncLibsqlConnection", "AsyncLibsqlDialect"]
 
 BUSY_TIMEOUT_MS = 30_000
 
 _T = TypeVar("_T")
 
 
-def wait_for_lock(execute: Callable[[], _T], raw_connection: Any) -> _T:
+def _wait_for_lock(execute: Callable[[], _T], raw_connection: Any) -> _T:
     """Run ``execute`` (a statement on ``raw_connection``), waiting while the database is locked.
 
     The driver keeps the GIL while SQLite's busy handler waits for a lock, so
     a waiting thread stops every other thread - the lock holder's included -
-    and an event loop with it. libSQL connections run with busy timeout 0,
-    and the wait happens here instead, in sleeps that release the GIL. Only
+    and the event loop with it. The adapter's connections run with busy
+    timeout 0, and the wait happens here instead, in sleeps that release the
+    GIL. ``execute`` must also take the first row: the driver steps a
+    statement that returns rows (``RETURNING``) only when it is fetched. Only
     a statement that opens the transaction waits: inside one, "locked" can
     mean a stale WAL snapshot, which waiting never cures (SQLite's own busy
     handler does not wait for it either).
@@ -149,13 +151,20 @@ class _ThreadCursor:
 
     def _execute(self, method: str, operation: str, parameters: Any) -> None:
         cursor = self._cursor
-        execute = getattr(cursor, method)
-        wait_for_lock(lambda: execute(operation, parameters), self._connection.raw)
+
+        def execute() -> list[Any]:
+            getattr(cursor, method)(operation, parameters)
+            if not cursor.description:
+                return []
+            rows: list[Any] = cursor.fetchall() if self._prefetch else cursor.fetchmany(1)
+            return rows
+
+        rows = _wait_for_lock(execute, self._connection.raw)
         # Everything the adapter reads afterwards is taken now, on this thread.
         self.description = cursor.description
         self.rowcount = cursor.rowcount
         self.lastrowid = cursor.lastrowid
-        self._rows = cursor.fetchall() if cursor.description and self._prefetch else []
+        self._rows = rows
 
     async def fetchall(self) -> list[Any]:
         rows, self._rows = self._rows, []
@@ -168,20 +177,32 @@ class _ThreadCursor:
 
 
 class _ThreadStreamingCursor(_ThreadCursor):
-    """A cursor whose rows stay in the driver until fetched, a batch at a time (``stream()``)."""
+    """A cursor whose rows stay in the driver until fetched, a batch at a time (``stream()``).
+
+    Its first row was taken with the execute; it is handed out first.
+    """
 
     _prefetch = False
 
     async def fetchone(self) -> Any:
-        return await self._connection.run(self._cursor.fetchone)
+        rows = await self.fetchmany(1)
+        return rows[0] if rows else None
 
     async def fetchmany(self, size: int | None = None) -> list[Any]:
-        rows: list[Any] = await self._connection.run(self._cursor.fetchmany, size or self.arraysize)
-        return rows
+        return await self._connection.run(self._take, size or self.arraysize)
 
     async def fetchall(self) -> list[Any]:
-        rows: list[Any] = await self._connection.run(self._cursor.fetchall)
-        return rows
+        return await self._connection.run(self._take, None)
+
+    def _take(self, size: int | None) -> list[Any]:
+        head, self._rows = self._rows, []
+        if size is not None and len(head) >= size:
+            self._rows = head[size:]
+            return head[:size]
+        rest: list[Any] = (
+            self._cursor.fetchall() if size is None else self._cursor.fetchmany(size - len(head))
+        )
+        return head + rest
 
 
 class _AdaptedStreamingCursor(AsyncAdapt_dbapi_ss_cursor):
@@ -209,22 +230,6 @@ class AsyncLibsqlConnection(AsyncAdapt_terminate, AsyncAdapt_dbapi_connection):
             return await_(self._connection.run(function, self._connection.raw))
         except Exception as error:
             self._handle_exception(error)
-
-    def sync(self) -> Any:
-        """Pull the primary's changes into this embedded replica."""
-        return self.run_on_thread(lambda raw: raw.sync())
-
-    @property
-    def isolation_level(self) -> str | None:
-        level: str | None = self.run_on_thread(lambda raw: raw.isolation_level)
-        return level
-
-    @isolation_level.setter
-    def isolation_level(self, value: str | None) -> None:
-        def set_level(raw: Any) -> None:
-            raw.isolation_level = value
-
-        self.run_on_thread(set_level)
 
     async def _terminate_graceful_close(self) -> None:
         # libSQL cannot interrupt a running statement: the thread closes the

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as _sa_create_async_engin
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool, StaticPool
 from sqlalchemy.util import await_
 
-from evals_orm._aiolibsql import BUSY_TIMEOUT_MS, AsyncLibsqlDialect, wait_for_lock
+from evals_orm._aiolibsql import BUSY_TIMEOUT_MS, AsyncLibsqlDialect
 from evals_orm.errors import ConfigurationError, DatabaseError
 
 __all__ = ["BUSY_TIMEOUT_MS", "create_async_engine", "create_engine", "sync"]
@@ -57,8 +57,8 @@ _ASYNC_DRIVERS = {
 }
 
 _E = TypeVar("_E", Engine, AsyncEngine)
-# Engines made with sync_url: the ones ``sync`` may pull into.
-_REPLICAS: weakref.WeakSet[Engine] = weakref.WeakSet()
+# Engines made with sync_url (the ones ``sync`` may pull into) and their secrets.
+_REPLICAS: weakref.WeakKeyDictionary[Engine, tuple[str, ...]] = weakref.WeakKeyDictionary()
 _Family = Literal["sqlite", "libsql", "libsql-remote", "postgresql"]
 
 
@@ -127,7 +127,7 @@ def create_engine(
         )
     engine = _build(sa.create_engine, target, engine_kwargs)
     if target.sync_url is not None:
-        _REPLICAS.add(engine)
+        _REPLICAS[engine] = target.secrets
     return engine
 
 
@@ -148,7 +148,8 @@ def sync(engine: Engine) -> Any:
     except (ValueError, sa.exc.DBAPIError) as error:
         cause = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
         raise DatabaseError(
-            f"cannot sync the embedded replica with its primary ({_redact(cause)}); "
+            f"cannot sync the embedded replica with its primary "
+            f"({_redact(cause, *_REPLICAS[engine])}); "
             "check the sync URL, the auth token and that the primary is running"
         ) from None
 
@@ -318,40 +319,14 @@ def _build(factory: Callable[..., _E], target: _Target, engine_kwargs: dict[str,
         # An in-memory database has no file to tune; a replica refuses the
         # file pragmas ("unsupported statement"): its file is the driver's.
         file_pragmas = not (target.in_memory or target.sync_url)
-        # libSQL connections wait for locks in Python, not in the driver.
-        busy_timeout_ms = 0 if target.family == "libsql" else BUSY_TIMEOUT_MS
-        hook = _pragma_hook(sync_engine.dialect, file_pragmas, busy_timeout_ms)
+        hook = _pragma_hook(sync_engine.dialect, file_pragmas)
         if target.family == "libsql":
             hook = _typed_pragma_errors(hook, target)
         event.listen(sync_engine, "connect", hook)
-        if target.family == "libsql" and not asynchronous:
-            _wait_for_locks_in_python(sync_engine)
     if target.family in ("libsql", "libsql-remote"):
         _typed_connect_errors(sync_engine, target)
     _translate_errors(sync_engine, target)
     return engine
-
-
-def _wait_for_locks_in_python(engine: Engine) -> None:
-    """Run every statement of a sync libSQL engine through ``wait_for_lock``."""
-
-    def raw(context: Any) -> Any:
-        return context.root_connection.connection.dbapi_connection
-
-    @event.listens_for(engine, "do_execute")
-    def execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-        wait_for_lock(lambda: cursor.execute(statement, parameters), raw(context))
-        return True
-
-    @event.listens_for(engine, "do_execute_no_params")
-    def execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
-        wait_for_lock(lambda: cursor.execute(statement), raw(context))
-        return True
-
-    @event.listens_for(engine, "do_executemany")
-    def executemany(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-        wait_for_lock(lambda: cursor.executemany(statement, parameters), raw(context))
-        return True
 
 
 def _typed_pragma_errors(
@@ -376,16 +351,14 @@ def _typed_pragma_errors(
 
 
 def _pragma_hook(
-    dialect: sa.Dialect, file_pragmas: bool, busy_timeout_ms: int
+    dialect: sa.Dialect, file_pragmas: bool
 ) -> Callable[[DBAPIConnection, ConnectionPoolEntry], None]:
     if isinstance(dialect, AsyncLibsqlDialect):
         # The pragmas (and the WAL retry's sleeps) run on the connection's own
-        # thread, never on the event loop.
+        # thread, never on the event loop. The adapter waits for locks itself
+        # (busy timeout 0), without the GIL.
         set_on_thread = functools.partial(
-            _set_pragmas,
-            file_pragmas=file_pragmas,
-            sleep=time.sleep,
-            busy_timeout_ms=busy_timeout_ms,
+            _set_pragmas, file_pragmas=file_pragmas, sleep=time.sleep, busy_timeout_ms=0
         )
 
         def on_thread(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
@@ -399,7 +372,7 @@ def _pragma_hook(
             dbapi_connection,
             file_pragmas=file_pragmas,
             sleep=sleep,
-            busy_timeout_ms=busy_timeout_ms,
+            busy_timeout_ms=BUSY_TIMEOUT_MS,
         )
 
     return hook

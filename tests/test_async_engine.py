@@ -180,7 +180,11 @@ def test_a_writer_waiting_for_the_lock_leaves_the_loop_running(database: Databas
             await holder.exec_driver_sql("INSERT INTO contended VALUES (1)")
 
             async def wait_and_write() -> None:
-                await waiter.exec_driver_sql("INSERT INTO contended VALUES (2)")
+                # RETURNING: libSQL only steps such a statement when it is fetched.
+                inserted = await waiter.exec_driver_sql(
+                    "INSERT INTO contended VALUES (2) RETURNING value"
+                )
+                assert 2 == inserted.scalar_one()
                 await waiter.commit()
 
             started = time.monotonic()

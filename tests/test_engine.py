@@ -155,11 +155,7 @@ def test_auth_token_with_a_local_url_is_a_configuration_error(url: str) -> None:
 
 
 def test_file_databases_get_foreign_keys_wal_and_busy_timeout(database: Database) -> None:
-    """SQLite and libSQL connections run with foreign keys on, WAL and a busy timeout.
-
-    libSQL's busy timeout is 0: its connections wait for locks in Python (the
-    driver's own wait keeps the GIL).
-    """
+    """SQLite and libSQL connections run with foreign keys on, WAL and a busy timeout."""
     if database.backend == "postgresql":
         pytest.skip("SQLite pragmas do not exist on PostgreSQL")
     engine = database.engine()
@@ -173,46 +169,8 @@ def test_file_databases_get_foreign_keys_wal_and_busy_timeout(database: Database
     engine.dispose()
     expected: list[object] = [1, "wal"]
     if database.backend != "libsql-remote":
-        expected.append(BUSY_TIMEOUT_MS if database.backend == "sqlite" else 0)
+        expected.append(BUSY_TIMEOUT_MS)
     assert expected == actual
-
-
-def test_a_writer_thread_waits_for_another_without_stalling_it(database: Database) -> None:
-    """A second thread's write waits for the first thread's commit; both land, quickly.
-
-    The libSQL driver keeps the GIL while its busy handler waits, so a
-    waiting thread used to stop the lock holder for the whole busy timeout.
-    """
-    if database.backend == "libsql-remote":
-        pytest.skip(
-            "sqld aborts the lock holder's transaction (TRANSACTION_TIMEOUT) while another "
-            "writer waits; the services queue a process's writers instead"
-        )
-    engine = database.engine()
-    with engine.begin() as connection:
-        connection.exec_driver_sql("CREATE TABLE contended (value INTEGER)")
-    holder = engine.connect()
-    holder.exec_driver_sql("INSERT INTO contended VALUES (1)")
-    waited: list[float] = []
-
-    def write() -> None:
-        started = time.monotonic()
-        with engine.begin() as connection:
-            connection.exec_driver_sql("INSERT INTO contended VALUES (2)")
-        waited.append(time.monotonic() - started)
-
-    thread = threading.Thread(target=write)
-    thread.start()
-    time.sleep(HOLD_SECONDS)
-    holder.commit()
-    holder.close()
-    thread.join(timeout=60)
-    with engine.connect() as connection:
-        count = connection.exec_driver_sql("SELECT count(*) FROM contended").scalar()
-    engine.dispose()
-    assert 2 == count
-    assert len(waited) == 1
-    assert waited[0] < 5
 
 
 _HOLD_WRITE_LOCK = """
