@@ -1,8 +1,8 @@
-"""``create_engine`` and ``create_async_engine``: every driver of the supported backends.
+"""``create_engine``, ``create_async_engine``, ``sync``: every driver of the supported backends.
 
-A URL is read once into a ``_Target`` (which backend family, which URL, which
-token); every driver decision - pool, pragmas, error translation, the async
-driver - reads that record, here and nowhere else.
+A URL is read once into a ``_Target`` (backend family, driver URL, secrets,
+replica and encryption options); every driver decision - pool, pragmas, error
+translation, the async driver - reads that record, here and nowhere else.
 """
 
 from __future__ import annotations
