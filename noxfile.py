@@ -1,20 +1,28 @@
-"""Sessions: ``tests`` on each backend, ``lint``, ``typecheck``, ``bench``, ``demo``.
+"""Sessions: ``tests`` on each backend, ``example``, ``lint``, ``typecheck``, ``bench``, ``demo``.
 
-``nox`` runs lint, typecheck and the tests on all four backends; the package
-is installed from the source tree (not imported from it) in every session.
+``nox`` runs lint, typecheck, the tests on all four backends and the example
+host project; the package is installed from the source tree (not imported
+from it) in every session.
 """
 
 from __future__ import annotations
 
+import runpy
+from pathlib import Path
+
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "tests", "example"]
 nox.options.error_on_missing_interpreters = True
 
-BACKENDS = ["sqlite", "libsql", "libsql-remote", "postgresql"]
+# The package is not installed where nox runs; its one list of backends is read
+# from a file that imports nothing.
+BACKENDS = list(
+    runpy.run_path(str(Path(__file__).parent / "evals_orm" / "_backend_names.py"))["BACKENDS"]
+)
 # Tests that need no database run once, in the first backend's session.
-ONCE = "sqlite"
-CODE = ["evals_orm", "tests", "benchmarks", "alembic", "noxfile.py"]
+ONCE = BACKENDS[0]
+CODE = ["evals_orm", "tests", "benchmarks", "alembic", "examples", "noxfile.py"]
 
 
 @nox.session
@@ -23,8 +31,17 @@ def tests(session: nox.Session, backend: str) -> None:
     """Run the test suite against one backend, on the installed package."""
     session.install(".[test]")
     selection = [] if backend == ONCE else ["-m", "not backend_independent"]
-    # Every test has its own database, so the tests run in parallel safely.
-    session.run("pytest", "-n", "auto", "--backend", backend, *selection, *session.posargs)
+    # Every test has its own database (remote libSQL: its own sqld per worker),
+    # so the tests run in parallel safely.
+    session.run("pytest", "-n", "auto", "--evals-backend", backend, *selection, *session.posargs)
+
+
+@nox.session
+def example(session: nox.Session) -> None:
+    """Run the example host project's own tests on every backend, as a host would."""
+    session.install(".[testing]")
+    session.chdir("examples/host_app")
+    session.run("pytest", "-n", "2", "--evals-backend", ",".join(BACKENDS), *session.posargs)
 
 
 @nox.session
@@ -45,7 +62,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmark the projection against the raw driver and a naive ORM loop."""
-    session.install(".")
+    session.install(".[testing]")
     session.run("python", "benchmarks/bench.py", *session.posargs)
 
 

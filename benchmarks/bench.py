@@ -49,14 +49,14 @@ from _baselines import ExecuteMany, naive_orm, raw_load, table_digest
 from _stream import CLOCK_START, TICK, Shape, events
 
 from evals_orm import SqlEvalProjection, SqlEvalStorage, StoredEvalEvent, StudyId, create_engine
+from evals_orm._backend_names import BACKENDS
+from evals_orm._sqld import running_sqld
 from evals_orm.models import StudyRow
 
-BACKENDS = ("sqlite", "libsql", "postgresql", "libsql-remote")
-DEFAULT_BACKENDS = ("sqlite", "libsql", "postgresql", "libsql-remote")
+DEFAULT_BACKENDS = BACKENDS
 POSTGRES_ADMIN_URL = os.environ.get(
     "EVALS_ORM_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-REPO = Path(__file__).resolve().parent.parent
 
 # Targets of issue #7.
 MAX_OURS_OVER_RAW = 1.5
@@ -154,9 +154,6 @@ class Server:
             with self.admin.connect() as connection:
                 connection.exec_driver_sql("SELECT 1")
         elif self.backend == "libsql-remote":
-            sys.path.insert(0, str(REPO / "tests"))
-            from sqld import running_sqld  # noqa: PLC0415 - tests/ is on sys.path only now
-
             self.running_sqld = running_sqld
         return self
 
@@ -172,7 +169,7 @@ class Server:
                 version = connection.exec_driver_sql("SHOW server_version").scalar()
             return f"PostgreSQL {version}"
         if self.backend == "libsql-remote":
-            return "sqld 0.24.32 on loopback, over HTTP (tests/sqld.py)"
+            return "sqld 0.24.32 on loopback, over HTTP (evals_orm/_sqld.py)"
         return ""
 
     @contextlib.contextmanager

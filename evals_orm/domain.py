@@ -3,26 +3,41 @@
 from __future__ import annotations
 
 import enum
+import math
 import secrets
-from collections.abc import Iterable, Mapping
-from datetime import datetime, timedelta, timezone
-from typing import Any, NewType
+from collections.abc import Callable, Iterable, Mapping
+from datetime import date, datetime, timedelta, timezone
+from datetime import tzinfo as tzinfo_type
+from typing import Any, NewType, SupportsIndex
 from uuid import UUID
 
 import attrs
 import uuid_utils.compat
 
 __all__ = [
+    "U32_MAX",
+    "U64_MAX",
     "Checkpoint",
     "CheckpointId",
+    "FieldError",
     "LongitudinalMetrics",
+    "NanoDatetime",
+    "NanoTimedelta",
     "PeriodType",
     "Study",
     "StudyConfig",
     "StudyId",
     "StudyStatus",
     "TimePeriod",
+    "describe",
     "ensure_utc",
+    "require_aware",
+    "require_instance",
+    "require_text",
+    "require_texts",
+    "require_u64",
+    "to_texts",
+    "to_utc",
     "uuid7",
     "uuid7_at",
 ]
@@ -32,6 +47,11 @@ CheckpointId = NewType("CheckpointId", UUID)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MILLISECOND = timedelta(milliseconds=1)
+_UTC = timezone.utc
+_NANOS_PER_MICRO = 1000
+_isfinite = math.isfinite
+U32_MAX = 2**32 - 1
+U64_MAX = 2**64 - 1
 
 
 def uuid7() -> UUID:
@@ -69,20 +89,323 @@ def ensure_utc(value: datetime, name: str) -> datetime:
     return value
 
 
-def _to_utc(value: datetime) -> datetime:
-    # Naive values pass through to ``_aware``, which knows the field's name.
-    if isinstance(value, datetime) and value.utcoffset() is not None:
-        return ensure_utc(value, "datetime")
+class FieldError(ValueError):
+    """A value a field cannot hold; the message starts with the field's name."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}" if field else reason)
+        self.field = field
+        self.reason = reason
+
+
+_KINDS = {
+    type(None): "null",
+    bool: "boolean",
+    int: "integer",
+    float: "float",
+    str: "string",
+    list: "array",
+    dict: "object",
+}
+
+
+def describe(value: object) -> str:
+    """Name a value in an error message: its JSON kind, and the value if it is short."""
+    kind = _KINDS.get(type(value), type(value).__name__)
+    if isinstance(value, (dict, list, tuple)):
+        return kind
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{kind} {text}"
+
+
+def _nanosecond_of(value: object) -> int:
+    return getattr(value, "nanosecond", 0)
+
+
+def _check_nanosecond(nanosecond: int) -> None:
+    if not 0 <= nanosecond < _NANOS_PER_MICRO:
+        raise ValueError(f"nanosecond must be in 0..999, got {nanosecond}")
+
+
+class NanoDatetime(datetime):
+    """A ``datetime`` that also holds the nanoseconds below its microsecond.
+
+    chrono (the original's clock) stamps events to the nanosecond; Python's
+    ``datetime`` holds microseconds. ``nanosecond`` (0..999) carries the
+    rest, so a 9-digit fraction read from the wire is written back
+    unchanged. Equality, order and hash count the nanoseconds (a plain
+    ``datetime`` has 0); arithmetic, ``replace`` and ``astimezone`` work on
+    the microseconds and return plain datetimes.
+    """
+
+    # datetime's C methods (replace, arithmetic) build instances of the
+    # subclass without calling __new__: the slot may be unset, meaning 0.
+    __slots__ = ("_nanosecond",)
+    _nanosecond: int
+
+    @property
+    def nanosecond(self) -> int:
+        """Nanoseconds after ``microsecond``, 0..999."""
+        return getattr(self, "_nanosecond", 0)
+
+    def __new__(  # noqa: PLR0917 - datetime's own fields plus one
+        cls,
+        year: int,
+        month: int,
+        day: int,
+        hour: int = 0,
+        minute: int = 0,
+        second: int = 0,
+        microsecond: int = 0,
+        tzinfo: tzinfo_type | None = None,
+        *,
+        nanosecond: int = 0,
+    ) -> NanoDatetime:
+        """Build the datetime, ``nanosecond`` (0..999) after ``microsecond``."""
+        _check_nanosecond(nanosecond)
+        self = super().__new__(cls, year, month, day, hour, minute, second, microsecond, tzinfo)
+        self._nanosecond = nanosecond
+        return self
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        fields = (self.year, self.month, self.day, self.hour, self.minute, self.second)
+        return (_nano_datetime, (*fields, self.microsecond, self.tzinfo, self.nanosecond))
+
+    def astimezone(self, tz: tzinfo_type | None = None) -> NanoDatetime:
+        """Return the same instant in ``tz``, nanoseconds kept."""
+        moment = datetime.astimezone(self, tz)
+        fields = moment.timetuple()[:6]
+        return NanoDatetime(*fields, moment.microsecond, moment.tzinfo, nanosecond=self.nanosecond)
+
+    def __hash__(self) -> int:
+        plain = datetime.__hash__(self)
+        return hash((plain, self.nanosecond)) if self.nanosecond else plain
+
+    def _compare(self, other: object) -> int | None:
+        if not isinstance(other, datetime):
+            return None
+        if datetime.__eq__(self, other):
+            return self.nanosecond - _nanosecond_of(other)
+        return -1 if datetime.__lt__(self, other) else 1
+
+    def __eq__(self, other: object) -> bool:
+        order = self._compare(other)
+        return NotImplemented if order is None else order == 0
+
+    def __ne__(self, other: object) -> bool:
+        order = self._compare(other)
+        return NotImplemented if order is None else order != 0
+
+    def __lt__(self, other: date) -> bool:
+        order = self._compare(other)
+        return NotImplemented if order is None else order < 0
+
+    def __le__(self, other: date) -> bool:
+        order = self._compare(other)
+        return NotImplemented if order is None else order <= 0
+
+    def __gt__(self, other: date) -> bool:
+        order = self._compare(other)
+        return NotImplemented if order is None else order > 0
+
+    def __ge__(self, other: date) -> bool:
+        order = self._compare(other)
+        return NotImplemented if order is None else order >= 0
+
+
+def _nano_datetime(  # noqa: PLR0917 - NanoDatetime's fields, for pickle and copy
+    year: int,
+    month: int,
+    day: int,
+    hour: int,
+    minute: int,
+    second: int,
+    microsecond: int,
+    tz: tzinfo_type | None,
+    nanosecond: int,
+) -> NanoDatetime:
+    return NanoDatetime(
+        year, month, day, hour, minute, second, microsecond, tz, nanosecond=nanosecond
+    )
+
+
+class NanoTimedelta(timedelta):
+    """A ``timedelta`` that also holds the nanoseconds below its microsecond.
+
+    The counterpart of ``NanoDatetime`` for chrono's durations:
+    ``nanosecond`` (0..999) is added to the (normalised, non-negative)
+    ``microseconds``, so ``[seconds, nanoseconds]`` read from the wire is
+    written back unchanged. Equality, order and hash count the nanoseconds;
+    arithmetic works on the microseconds and returns plain timedeltas.
+    """
+
+    # datetime's C methods (replace, arithmetic) build instances of the
+    # subclass without calling __new__: the slot may be unset, meaning 0.
+    __slots__ = ("_nanosecond",)
+    _nanosecond: int
+
+    @property
+    def nanosecond(self) -> int:
+        """Nanoseconds after ``microsecond``, 0..999."""
+        return getattr(self, "_nanosecond", 0)
+
+    def __new__(
+        cls, seconds: int = 0, microseconds: int = 0, *, nanosecond: int = 0
+    ) -> NanoTimedelta:
+        """Build ``seconds`` + ``microseconds`` + ``nanosecond`` (0..999) nanoseconds."""
+        _check_nanosecond(nanosecond)
+        self = super().__new__(cls, seconds=seconds, microseconds=microseconds)
+        self._nanosecond = nanosecond
+        return self
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        seconds = self.days * 86_400 + self.seconds
+        return (type(self), (seconds, self.microseconds), {"nanosecond": self.nanosecond})
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self._nanosecond = state["nanosecond"]
+
+    def __hash__(self) -> int:
+        plain = timedelta.__hash__(self)
+        return hash((plain, self.nanosecond)) if self.nanosecond else plain
+
+    def _compare(self, other: object) -> int | None:
+        if not isinstance(other, timedelta):
+            return None
+        if timedelta.__eq__(self, other):
+            return self.nanosecond - _nanosecond_of(other)
+        return -1 if timedelta.__lt__(self, other) else 1
+
+    def __eq__(self, other: object) -> bool:
+        order = self._compare(other)
+        return NotImplemented if order is None else order == 0
+
+    def __ne__(self, other: object) -> bool:
+        order = self._compare(other)
+        return NotImplemented if order is None else order != 0
+
+    def __lt__(self, other: timedelta) -> bool:
+        order = self._compare(other)
+        return NotImplemented if order is None else order < 0
+
+    def __le__(self, other: timedelta) -> bool:
+        order = self._compare(other)
+        return NotImplemented if order is None else order <= 0
+
+    def __gt__(self, other: timedelta) -> bool:
+        order = self._compare(other)
+        return NotImplemented if order is None else order > 0
+
+    def __ge__(self, other: timedelta) -> bool:
+        order = self._compare(other)
+        return NotImplemented if order is None else order >= 0
+
+
+def to_utc(value: datetime) -> datetime:
+    """Convert an aware datetime to UTC; leave anything else to ``require_aware``."""
+    if isinstance(value, datetime) and value.tzinfo is not _UTC and value.utcoffset() is not None:
+        return value.astimezone(_UTC)
     return value
 
 
 def _optional_to_utc(value: datetime | None) -> datetime | None:
-    return None if value is None else _to_utc(value)
+    """Convert an aware datetime to UTC, keep None; leave anything else to ``require_aware``."""
+    return None if value is None else to_utc(value)
 
 
-def _aware(_instance: object, attribute: attrs.Attribute[Any], value: datetime | None) -> None:
-    if value is not None:
-        ensure_utc(value, attribute.name)
+def require_aware(_instance: object, field: attrs.Attribute[Any], value: datetime | None) -> None:
+    """Validate an optional timezone-aware datetime."""
+    if value is None:
+        return
+    if not isinstance(value, datetime):
+        raise FieldError(field.name, f"expected a datetime, got {describe(value)}")
+    if value.utcoffset() is None:
+        reason = f"must be a timezone-aware datetime, got naive {value.isoformat()}"
+        raise FieldError(field.name, reason)
+
+
+def require_u64(_instance: object, field: attrs.Attribute[Any], value: int) -> None:
+    """Validate an integer in 0..2**64-1 (a u64 of the original; booleans are not integers)."""
+    if type(value) is not int or not 0 <= value <= U64_MAX:
+        raise FieldError(field.name, f"must be an integer in 0..{U64_MAX}, got {describe(value)}")
+
+
+def _to_float(value: float) -> float:
+    # Integers are numbers too (serde reads them into f64); bool is left to
+    # the validator, which rejects it.
+    if type(value) is int:
+        try:
+            return float(value)
+        except OverflowError:
+            pass
+    return value
+
+
+def _require_finite(_instance: object, field: attrs.Attribute[Any], value: float) -> None:
+    if type(value) is not float or not _isfinite(value):
+        raise FieldError(field.name, f"must be a finite number, got {describe(value)}")
+
+
+def _text(value: object, field: str) -> None:
+    if type(value) is not str:
+        raise FieldError(field, f"expected a string, got {describe(value)}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            code = ord(value[exc.start])
+            raise FieldError(field, f"lone surrogate U+{code:04X} in string") from None
+
+
+def require_text(_instance: object, field: attrs.Attribute[Any], value: str) -> None:
+    """Validate a string of Unicode scalar values (no lone surrogates)."""
+    _text(value, field.name)
+
+
+def to_texts(value: Iterable[str]) -> tuple[str, ...]:
+    """Make a tuple of any iterable but a str; leave anything else to ``require_texts``."""
+    if isinstance(value, Iterable) and not isinstance(value, (str, tuple)):
+        return tuple(value)
+    return value  # type: ignore[return-value]
+
+
+def require_texts(_instance: object, field: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    """Validate a tuple of strings (each as ``require_text``)."""
+    if type(value) is not tuple:
+        raise FieldError(field.name, f"expected a sequence of strings, got {describe(value)}")
+    for index, item in enumerate(value):
+        _text(item, f"{field.name}[{index}]")
+
+
+def _to_text_map(value: Mapping[str, str]) -> dict[str, str]:
+    return dict(value) if isinstance(value, Mapping) else value
+
+
+def _require_text_map(
+    _instance: object, field: attrs.Attribute[Any], value: Mapping[str, str]
+) -> None:
+    if not isinstance(value, dict):
+        reason = f"expected a mapping of str to str, got {describe(value)}"
+        raise FieldError(field.name, reason)
+    for key, item in value.items():
+        _text(key, f"{field.name} key")
+        _text(item, f"{field.name}.{key}")
+
+
+def require_instance(cls: type[Any]) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    """Return a validator accepting only instances of ``cls``."""
+
+    def check(_instance: object, field: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, cls):
+            raise FieldError(field.name, f"expected {cls.__name__}, got {describe(value)}")
+
+    return check
+
+
+_require_uuid = require_instance(UUID)
+_require_duration = require_instance(timedelta)
 
 
 class StudyStatus(str, enum.Enum):
@@ -109,37 +432,31 @@ class PeriodType(str, enum.Enum):
         return self.value
 
 
-def _tags(value: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(value, str):
-        raise TypeError("tags must be a sequence of str, not a str")
-    return tuple(value)
-
-
-def _metadata(value: Mapping[str, str]) -> dict[str, str]:
-    return dict(value)
-
-
 @attrs.frozen
 class StudyConfig:
     """Free-form description, tags and metadata of a study."""
 
-    description: str | None = None
-    tags: tuple[str, ...] = attrs.field(default=(), converter=_tags)
+    description: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(require_text)
+    )
+    tags: tuple[str, ...] = attrs.field(default=(), converter=to_texts, validator=require_texts)
     # A dict keeps the wire order of the keys; it is left out of the hash
     # (equal configs still hash equal) because dicts are unhashable.
-    metadata: Mapping[str, str] = attrs.field(factory=dict, converter=_metadata, hash=False)
+    metadata: Mapping[str, str] = attrs.field(
+        factory=dict, converter=_to_text_map, validator=_require_text_map, hash=False
+    )
 
 
 @attrs.frozen
 class TimePeriod:
     """A half-open interval ``[start, end)`` of UTC time."""
 
-    start: datetime = attrs.field(default=EPOCH, converter=_to_utc, validator=_aware)
-    end: datetime = attrs.field(default=EPOCH, converter=_to_utc, validator=_aware)
+    start: datetime = attrs.field(default=EPOCH, converter=to_utc, validator=require_aware)
+    end: datetime = attrs.field(default=EPOCH, converter=to_utc, validator=require_aware)
 
     @property
     def duration(self) -> timedelta:
-        """Length of the period."""
+        """Length of the period (to the microsecond)."""
         return self.end - self.start
 
     def contains(self, instant: datetime) -> bool:
@@ -149,25 +466,49 @@ class TimePeriod:
 
 @attrs.frozen
 class LongitudinalMetrics:
-    """Metrics aggregated over one period of a study."""
+    """Metrics aggregated over one period of a study.
 
-    sessions_completed: int = 0
-    session_success_rate: float = 0.0
-    avg_session_duration: timedelta = timedelta(0)
-    tasks_completed: int = 0
-    first_attempt_success_rate: float = 0.0
-    avg_iterations_to_success: float = 0.0
-    agent_efficiency: float = 0.0
-    tool_success_rate: float = 0.0
-    self_correction_rate: float = 0.0
-    swarm_coordination_overhead: float = 0.0
-    parallelism_efficiency: float = 0.0
-    learnings_applied: int = 0
-    learning_effectiveness: float = 0.0
-    total_tokens: int = 0
-    total_cost: float = 0.0
-    cost_per_successful_task: float = 0.0
-    period: TimePeriod = attrs.field(factory=TimePeriod)
+    Counts are u64 (0..2**64-1) and rates finite floats (integers are
+    converted), as the original holds them; anything else is a ``FieldError``.
+    """
+
+    sessions_completed: int = attrs.field(default=0, validator=require_u64)
+    session_success_rate: float = attrs.field(
+        default=0.0, converter=_to_float, validator=_require_finite
+    )
+    avg_session_duration: timedelta = attrs.field(default=timedelta(0), validator=_require_duration)
+    tasks_completed: int = attrs.field(default=0, validator=require_u64)
+    first_attempt_success_rate: float = attrs.field(
+        default=0.0, converter=_to_float, validator=_require_finite
+    )
+    avg_iterations_to_success: float = attrs.field(
+        default=0.0, converter=_to_float, validator=_require_finite
+    )
+    agent_efficiency: float = attrs.field(
+        default=0.0, converter=_to_float, validator=_require_finite
+    )
+    tool_success_rate: float = attrs.field(
+        default=0.0, converter=_to_float, validator=_require_finite
+    )
+    self_correction_rate: float = attrs.field(
+        default=0.0, converter=_to_float, validator=_require_finite
+    )
+    swarm_coordination_overhead: float = attrs.field(
+        default=0.0, converter=_to_float, validator=_require_finite
+    )
+    parallelism_efficiency: float = attrs.field(
+        default=0.0, converter=_to_float, validator=_require_finite
+    )
+    learnings_applied: int = attrs.field(default=0, validator=require_u64)
+    learning_effectiveness: float = attrs.field(
+        default=0.0, converter=_to_float, validator=_require_finite
+    )
+    total_tokens: int = attrs.field(default=0, validator=require_u64)
+    total_cost: float = attrs.field(default=0.0, converter=_to_float, validator=_require_finite)
+    cost_per_successful_task: float = attrs.field(
+        default=0.0, converter=_to_float, validator=_require_finite
+    )
+    period: TimePeriod = attrs.field(factory=TimePeriod, validator=require_instance(TimePeriod))
 
 
 @attrs.frozen
@@ -180,12 +521,12 @@ class Study:
     period_type: PeriodType
     period_value: int | None
     config: StudyConfig
-    created_at: datetime = attrs.field(converter=_to_utc, validator=_aware)
+    created_at: datetime = attrs.field(converter=to_utc, validator=require_aware)
     started_at: datetime | None = attrs.field(
-        default=None, converter=_optional_to_utc, validator=_aware
+        default=None, converter=_optional_to_utc, validator=require_aware
     )
     stopped_at: datetime | None = attrs.field(
-        default=None, converter=_optional_to_utc, validator=_aware
+        default=None, converter=_optional_to_utc, validator=require_aware
     )
 
     @property
@@ -203,9 +544,13 @@ class Study:
 class Checkpoint:
     """Metrics of one study recorded at one instant."""
 
-    id: CheckpointId
-    study_id: StudyId
-    timestamp: datetime = attrs.field(converter=_to_utc, validator=_aware)
-    metrics: LongitudinalMetrics = attrs.field(factory=LongitudinalMetrics)
-    events_analyzed: int = 0
-    sessions_included: tuple[str, ...] = attrs.field(default=(), converter=_tags)
+    id: CheckpointId = attrs.field(validator=_require_uuid)
+    study_id: StudyId = attrs.field(validator=_require_uuid)
+    timestamp: datetime = attrs.field(converter=to_utc, validator=require_aware)
+    metrics: LongitudinalMetrics = attrs.field(
+        factory=LongitudinalMetrics, validator=require_instance(LongitudinalMetrics)
+    )
+    events_analyzed: int = attrs.field(default=0, validator=require_u64)
+    sessions_included: tuple[str, ...] = attrs.field(
+        default=(), converter=to_texts, validator=require_texts
+    )

@@ -27,6 +27,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePoo
 from sqlalchemy.util import await_
 
 from evals_orm._aiolibsql import BUSY_TIMEOUT_MS, AsyncLibsqlDialect
+from evals_orm._writer import install as install_writer_slot
 from evals_orm.errors import ConfigurationError, DatabaseError
 
 __all__ = ["BUSY_TIMEOUT_MS", "create_async_engine", "create_engine", "sync"]
@@ -128,6 +129,9 @@ def create_engine(
     engine = _build(sa.create_engine, target, engine_kwargs)
     if target.sync_url is not None:
         _REPLICAS[engine] = target.secrets
+    # Before any connection: the host application's own writes queue for the
+    # writer slot too (see evals_orm._writer).
+    install_writer_slot(engine)
     return engine
 
 

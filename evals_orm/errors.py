@@ -6,12 +6,15 @@ from uuid import UUID
 
 __all__ = [
     "ConfigurationError",
+    "CredentialsError",
     "DatabaseError",
     "EvalsError",
     "EventConflictError",
     "EventOrderError",
     "InvalidEventError",
     "ProjectionError",
+    "SchemaMissingError",
+    "UnreachableError",
 ]
 
 
@@ -49,3 +52,15 @@ class ConfigurationError(EvalsError, ValueError):
 
 class DatabaseError(EvalsError):
     """The database failed in a way the caller can act on; the message says how."""
+
+
+class SchemaMissingError(DatabaseError):
+    """The evals_orm tables are missing: run the migrations first."""
+
+
+class CredentialsError(DatabaseError):
+    """The database refused the credentials (auth token, password)."""
+
+
+class UnreachableError(DatabaseError):
+    """The database cannot be reached (URL, network, server down)."""

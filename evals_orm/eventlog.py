@@ -7,43 +7,68 @@ never see an event commit below it later.
 
 from __future__ import annotations
 
-import itertools
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 from uuid import UUID
 
 import attrs
 import sqlalchemy as sa
 
-from evals_orm import _db
+from evals_orm import _bulk, _locks, _tx
+from evals_orm._iter import batched
 from evals_orm.converters import dumps, loads
 from evals_orm.errors import EvalsError, EventConflictError, EventOrderError, InvalidEventError
 from evals_orm.events import EvalEvent, StoredEvalEvent
 from evals_orm.models import EventRow
-from evals_orm.projection import PROJECTION, SqlEvalProjection, apply_batch
 
-__all__ = ["InvalidLine", "SqlEventLog", "read_jsonl"]
+__all__ = ["InlineProjection", "InvalidLine", "LogReader", "SqlEventLog", "read_jsonl"]
 
 LOG = "log"
 _CHUNK = 1000
 
 
-class SqlEventLog:
-    """An append-only log of ``StoredEvalEvent`` in the ``eval_events`` table."""
+class InlineProjection(Protocol):
+    """What ``SqlEventLog.append(..., projection=)`` needs of a projection.
 
-    def __init__(self, bind: _db.Bind) -> None:
-        self.bind = bind
+    The log calls both in its own write transaction (holding the log lock):
+    ``_before_append`` once, before the first new event is inserted, and
+    ``_after_append`` after each chunk of new events, with the log position
+    of the chunk's last event.
+    """
+
+    @property
+    def bind(self) -> _tx.Bind:
+        """The projection's bind; it must be on the log's database."""
+        ...
+
+    def _before_append(self, connection: sa.Connection, log: SqlEventLog) -> None: ...
+
+    def _after_append(
+        self, connection: sa.Connection, events: list[StoredEvalEvent], last_position: int
+    ) -> None: ...
+
+
+class SqlEventLog:
+    """An append-only log of ``StoredEvalEvent`` in the ``eval_events`` table.
+
+    ``bind`` is an Engine or a sessionmaker (each call runs and commits its
+    own transaction) or a Connection or a Session (each call runs in a
+    savepoint of the caller's transaction, which it never ends).
+    """
+
+    def __init__(self, bind: _tx.Bind) -> None:
+        self.bind = _tx.check_bind(bind)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({_db.engine_of(self.bind)!r})"
+        return f"{type(self).__name__}({_tx.engine_of(self.bind)!r})"
 
     def append(
         self,
         events: StoredEvalEvent | Iterable[StoredEvalEvent],
         *,
-        projection: SqlEvalProjection | None = None,
+        projection: InlineProjection | None = None,
     ) -> int:
         """Append one event or an iterable in one transaction; return how many were new.
 
@@ -55,24 +80,21 @@ class SqlEventLog:
         """
         if isinstance(events, StoredEvalEvent):
             events = (events,)
-        if projection is not None and _db.engine_of(projection.bind) is not _db.engine_of(
+        if projection is not None and _tx.engine_of(projection.bind) is not _tx.engine_of(
             self.bind
         ):
             raise EvalsError("inline projection needs the log and the projection on one Engine")
         appended = 0
-        with _db.transaction(self.bind) as connection:
-            _db.lock(connection, LOG)
+        with _tx.transaction(self.bind) as connection:
+            _locks.lock(connection, LOG)
             if projection is not None:
-                # Bring the projection up to the log first: applying a new event
-                # of a study before an older, unprojected one would make a later
-                # catch_up take the older one for a duplicate and skip it.
-                self._catch_up(connection, _db.lock(connection, PROJECTION))
+                projection._before_append(connection, self)
             last_of_study: dict[UUID, UUID] = {}
-            for chunk in _chunks(events):
+            for chunk in batched(events, _CHUNK):
                 new = self._new_events(connection, chunk, last_of_study)
                 if not new:
                     continue
-                _db.insert_rows(
+                _bulk.insert_rows(
                     connection,
                     EventRow,
                     [
@@ -85,17 +107,11 @@ class SqlEventLog:
                     ],
                 )
                 if projection is not None:
-                    apply_batch(connection, [stored for stored, _ in new])
+                    projection._after_append(
+                        connection, [stored for stored, _ in new], self._last_position(connection)
+                    )
                 appended += len(new)
-            if projection is not None:
-                _db.set_position(connection, PROJECTION, self._last_position(connection))
         return appended
-
-    def _catch_up(self, connection: sa.Connection, position: int) -> None:
-        """Apply the logged events after ``position`` on ``connection`` (both locks held)."""
-        while rows := self.fetch(position, _CHUNK, connection=connection):
-            apply_batch(connection, [stored for _, stored in rows])
-            position = rows[-1][0]
 
     def _new_events(
         self,
@@ -108,7 +124,7 @@ class SqlEventLog:
         logged = dict(
             connection.execute(
                 sa.select(EventRow.event_id, EventRow.payload).where(
-                    _db.one_of(connection, EventRow.event_id, event_ids)
+                    _bulk.one_of(connection, EventRow.event_id, event_ids)
                 )
             ).all()
         )
@@ -118,7 +134,7 @@ class SqlEventLog:
             # position holds its newest event (PostgreSQL has no max(uuid)).
             newest = (
                 sa.select(sa.func.max(EventRow.position).label("position"))
-                .where(_db.one_of(connection, EventRow.study_id, unknown))
+                .where(_bulk.one_of(connection, EventRow.study_id, unknown))
                 .group_by(EventRow.study_id)
                 .subquery()
             )
@@ -158,9 +174,7 @@ class SqlEventLog:
         ).scalar_one()
         return last
 
-    def read(
-        self, after: UUID | None = None, *, limit: int | None = None
-    ) -> Iterator[StoredEvalEvent]:
+    def read(self, after: UUID | None = None, *, limit: int | None = None) -> LogReader:
         """Iterate over the logged events in log order, after the logged event ``after``.
 
         An ``after`` that is not in the log raises ``EvalsError`` here, not at
@@ -172,34 +186,20 @@ class SqlEventLog:
             raise ValueError(f"limit must not be negative, got {limit}")
         position = 0
         if after is not None:
-            with _db.read(self.bind) as connection:
+            with _tx.read(self.bind) as connection:
                 found = connection.execute(
                     sa.select(EventRow.position).where(EventRow.event_id == after)
                 ).scalar_one_or_none()
             if found is None:
                 raise EvalsError(f"event {after} is not in the log")
             position = found
-        return self._pages(position, limit)
+        return LogReader(self, position, limit)
 
-    def _pages(self, position: int, remaining: int | None) -> Iterator[StoredEvalEvent]:
-        while remaining is None or remaining > 0:
-            page = _CHUNK if remaining is None else min(_CHUNK, remaining)
-            rows = self.fetch(position, page)
-            yield from (stored for _, stored in rows)
-            if len(rows) < page:
-                return
-            position = rows[-1][0]
-            if remaining is not None:
-                remaining -= len(rows)
-
-    def fetch(
-        self, after_position: int, limit: int, *, connection: sa.Connection | None = None
-    ) -> list[tuple[int, StoredEvalEvent]]:
+    def fetch(self, after_position: int, limit: int) -> list[tuple[int, StoredEvalEvent]]:
         """Return up to ``limit`` events after ``after_position``, with their positions.
 
-        ``connection`` is used when it is on the log's own Engine (so a
-        projector reads the log inside its transaction); otherwise the log
-        opens its own.
+        Inside a write transaction of this database (a projection catching
+        up), the read runs in that transaction.
         """
         statement = (
             sa.select(EventRow.position, EventRow.event_id, EventRow.payload)
@@ -207,11 +207,8 @@ class SqlEventLog:
             .order_by(EventRow.position)
             .limit(limit)
         )
-        if connection is not None and connection.engine is _db.engine_of(self.bind):
+        with _tx.read(self.bind) as connection:
             rows = connection.execute(statement).all()
-        else:
-            with _db.read(self.bind) as own:
-                rows = own.execute(statement).all()
         return [
             (position, StoredEvalEvent(event_id, loads(payload, EvalEvent)))
             for position, event_id, payload in rows
@@ -219,17 +216,48 @@ class SqlEventLog:
 
     def count(self) -> int:
         """Return how many events the log holds."""
-        with _db.read(self.bind) as connection:
+        with _tx.read(self.bind) as connection:
             count: int = connection.execute(
                 sa.select(sa.func.count()).select_from(EventRow)
             ).scalar_one()
         return count
 
 
-def _chunks(events: Iterable[StoredEvalEvent]) -> Iterator[list[StoredEvalEvent]]:
-    iterator = iter(events)
-    while chunk := list(itertools.islice(iterator, _CHUNK)):
-        yield chunk
+class LogReader(Iterator[StoredEvalEvent]):
+    """The iterator ``SqlEventLog.read`` returns; it knows the log position it has reached.
+
+    A projection rebuilt from a reader that started at the beginning of the
+    log records that position, so its next ``catch_up`` starts there.
+    """
+
+    def __init__(self, log: SqlEventLog, position: int, limit: int | None) -> None:
+        self.log = log
+        self.start = position
+        self.position = position
+        self._remaining = limit
+        self._page: list[tuple[int, StoredEvalEvent]] = []
+        self._index = 0
+        self._exhausted = False
+
+    def __next__(self) -> StoredEvalEvent:
+        if self._index == len(self._page):
+            self._fetch()
+        position, stored = self._page[self._index]
+        self._index += 1
+        self.position = position
+        if self._remaining is not None:
+            self._remaining -= 1
+        return stored
+
+    def _fetch(self) -> None:
+        size = _CHUNK if self._remaining is None else min(_CHUNK, self._remaining)
+        if self._exhausted or size == 0:
+            raise StopIteration
+        self._page = self.log.fetch(self.position, size)
+        self._index = 0
+        self._exhausted = len(self._page) < size
+        if not self._page:
+            raise StopIteration
 
 
 @attrs.frozen

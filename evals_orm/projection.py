@@ -18,19 +18,27 @@ duplicate: redelivery changes nothing, and a crash leaves a prefix.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 from uuid import UUID
 
 import attrs
 import sqlalchemy as sa
 
-from evals_orm import _db
-from evals_orm.domain import Checkpoint, PeriodType, StudyConfig, StudyStatus
-from evals_orm.errors import ProjectionError
+from evals_orm import _bulk, _locks, _tx
+from evals_orm._iter import batched
+from evals_orm._rows import (
+    CHECKPOINT_COLUMNS,
+    STUDY_STATE_COLUMNS,
+    StudyState,
+    checkpoint_from_row,
+    checkpoint_values,
+)
+from evals_orm.domain import Checkpoint, StudyStatus
+from evals_orm.errors import DatabaseError, ProjectionError
+from evals_orm.eventlog import LogReader, SqlEventLog
 from evals_orm.events import (
     CheckpointRecorded,
     StoredEvalEvent,
@@ -42,14 +50,15 @@ from evals_orm.events import (
     uuid7_time,
 )
 from evals_orm.models import CheckpointRow, StudyRow
-from evals_orm.storage import CHECKPOINT_COLUMNS, checkpoint_from_row
-
-if TYPE_CHECKING:
-    from evals_orm.eventlog import SqlEventLog
 
 __all__ = ["EvalProjection", "SqlEvalProjection"]
 
 PROJECTION = "projection"
+
+# ``studies.last_event_id`` of a row a rebuild has not replayed yet: the fold
+# treats the row as absent, and the rebuild deletes it if the stream never
+# creates its study again. No real event has this id (it is not a UUIDv7).
+_NOT_REPLAYED = UUID(int=0)
 
 
 @runtime_checkable
@@ -73,27 +82,7 @@ class EvalProjection(Protocol):
         ...
 
 
-@attrs.define
-class _StudyState:
-    """A study's row while a batch is folded over it."""
-
-    id: UUID
-    name: str
-    status: StudyStatus
-    period_type: PeriodType
-    period_value: int | None
-    config: StudyConfig
-    created_at: datetime
-    started_at: datetime | None
-    stopped_at: datetime | None
-    last_event_id: UUID
-
-    def row(self) -> dict[str, Any]:
-        return attrs.asdict(self, recurse=False)
-
-
-_STATE_COLUMNS = tuple(getattr(StudyRow, field.name) for field in attrs.fields(_StudyState))
-_UPDATED_COLUMNS = tuple(field.name for field in attrs.fields(_StudyState) if field.name != "id")
+_UPDATED_COLUMNS = tuple(field.name for field in attrs.fields(StudyState) if field.name != "id")
 
 # (status, event type) -> new status; every pair not listed leaves the row as it is.
 _TRANSITIONS: dict[tuple[StudyStatus, type[object]], StudyStatus] = {
@@ -110,7 +99,7 @@ _TRANSITIONS: dict[tuple[StudyStatus, type[object]], StudyStatus] = {
 class _Batch:
     """What folding a batch produced: the rows to write."""
 
-    studies: dict[UUID, _StudyState]
+    studies: dict[UUID, StudyState]
     changed: set[UUID] = attrs.field(factory=set)
     checkpoints: dict[UUID, Checkpoint] = attrs.field(factory=dict)
     # (event_id, checkpoint) of the checkpoints this batch records, in order.
@@ -129,7 +118,7 @@ def _fold(batch: _Batch, stored: StoredEvalEvent) -> None:
     if isinstance(event, StudyCreated):
         if state is not None:
             raise ProjectionError(event_id, f"study {study_id} already exists")
-        batch.studies[study_id] = _StudyState(
+        batch.studies[study_id] = StudyState(
             id=study_id,
             name=event.name,
             status=StudyStatus.PENDING,
@@ -174,12 +163,6 @@ def _occurred_at(event_id: UUID) -> datetime:
         raise ProjectionError(event_id, "its time is after the year 9999") from None
 
 
-def _batched(events: Iterable[StoredEvalEvent], size: int) -> Iterator[list[StoredEvalEvent]]:
-    iterator = iter(events)
-    while chunk := list(itertools.islice(iterator, size)):
-        yield chunk
-
-
 def apply_batch(connection: sa.Connection, events: list[StoredEvalEvent]) -> int:
     """Apply ``events`` on ``connection``, whose transaction holds the projection lock.
 
@@ -189,16 +172,17 @@ def apply_batch(connection: sa.Connection, events: list[StoredEvalEvent]) -> int
         return 0
     study_ids = {stored.event.study_id for stored in events}
     studies = {
-        row[0]: _StudyState(*row)
+        row.id: StudyState.from_row(row)
         for row in connection.execute(
-            sa.select(*_STATE_COLUMNS).where(_db.one_of(connection, StudyRow.id, study_ids))
+            sa.select(*STUDY_STATE_COLUMNS).where(_bulk.one_of(connection, StudyRow.id, study_ids))
         )
+        if row.last_event_id != _NOT_REPLAYED
     }
     batch = _Batch(studies=studies)
     # Where a bulk insert can skip existing keys and count what it inserted,
     # stored checkpoints are looked up only if one of the batch's ids is
     # taken; elsewhere (PostgreSQL's COPY) they are loaded before the fold.
-    skips = _db.bulk_insert_skips_conflicts(connection)
+    skips = _tx.backend(connection.engine).skips_conflicts
     if not skips:
         batch.checkpoints = _stored_checkpoints(
             connection,
@@ -213,26 +197,15 @@ def apply_batch(connection: sa.Connection, events: list[StoredEvalEvent]) -> int
             # batch is the first error of the stream.
             _check_stored_checkpoints(connection, batch.new_checkpoints)
         raise
-    _db.upsert(
+    _bulk.upsert(
         connection,
         StudyRow,
-        [batch.studies[study_id].row() for study_id in sorted(batch.changed)],
+        [batch.studies[study_id].values() for study_id in sorted(batch.changed)],
         key=("id",),
         update=_UPDATED_COLUMNS,
     )
-    rows = [
-        # Spelled out: attrs.asdict looks the fields up again for every row.
-        {
-            "id": c.id,
-            "study_id": c.study_id,
-            "timestamp": c.timestamp,
-            "metrics": c.metrics,
-            "events_analyzed": c.events_analyzed,
-            "sessions_included": c.sessions_included,
-        }
-        for _, c in batch.new_checkpoints
-    ]
-    inserted = _db.insert_rows(connection, CheckpointRow, rows, skip_conflicts=skips)
+    rows = [checkpoint_values(checkpoint) for _, checkpoint in batch.new_checkpoints]
+    inserted = _bulk.insert_rows(connection, CheckpointRow, rows, skip_conflicts=skips)
     if inserted < len(rows):
         _check_stored_checkpoints(connection, batch.new_checkpoints)
     return batch.applied
@@ -241,8 +214,10 @@ def apply_batch(connection: sa.Connection, events: list[StoredEvalEvent]) -> int
 def _stored_checkpoints(connection: sa.Connection, ids: set[UUID]) -> dict[UUID, Checkpoint]:
     if not ids:
         return {}
-    statement = sa.select(*CHECKPOINT_COLUMNS).where(_db.one_of(connection, CheckpointRow.id, ids))
-    return {row[0]: checkpoint_from_row(row) for row in connection.execute(statement)}
+    statement = sa.select(*CHECKPOINT_COLUMNS).where(
+        _bulk.one_of(connection, CheckpointRow.id, ids)
+    )
+    return {row.id: checkpoint_from_row(row) for row in connection.execute(statement)}
 
 
 def _check_stored_checkpoints(
@@ -258,37 +233,68 @@ def _check_stored_checkpoints(
             )
 
 
-def clear_rows(connection: sa.Connection) -> None:
+def _replace_all(connection: sa.Connection) -> None:
+    """Start replacing the projection in place (projection lock held).
+
+    The studies stay, marked as not replayed, so rows of other tables that
+    reference them keep their foreign keys; ``_drop_not_replayed`` removes
+    those the replay did not create again.
+    """
+    connection.execute(sa.update(StudyRow).values(last_event_id=_NOT_REPLAYED))
+    connection.execute(sa.delete(CheckpointRow))
+
+
+def _drop_not_replayed(connection: sa.Connection) -> None:
+    try:
+        connection.execute(sa.delete(StudyRow).where(StudyRow.last_event_id == _NOT_REPLAYED))
+    except sa.exc.IntegrityError:
+        raise DatabaseError(
+            "cannot remove studies the events no longer create: rows of other tables "
+            "reference them; delete those rows first"
+        ) from None
+
+
+def _clear_rows(connection: sa.Connection) -> None:
     """Delete the projection's rows and reset the catch-up position (lock held)."""
     connection.execute(sa.delete(CheckpointRow))
-    connection.execute(sa.delete(StudyRow))
-    _db.set_position(connection, PROJECTION, 0)
+    try:
+        connection.execute(sa.delete(StudyRow))
+    except sa.exc.IntegrityError:
+        raise DatabaseError(
+            "cannot clear the projection: rows of other tables reference its studies; "
+            "delete those rows first, or rebuild instead"
+        ) from None
+    _locks.set_position(connection, PROJECTION, 0)
 
 
 class SqlEvalProjection:
-    """``EvalProjection`` over an Engine or a sessionmaker, on any supported backend.
+    """``EvalProjection`` on any supported backend.
 
-    Writers are serialised by a lock row, so several processes may apply,
-    rebuild and catch up at the same time; readers are never blocked and see
-    each committed batch whole.
+    ``bind`` is an Engine or a sessionmaker (each call runs and commits its
+    own transactions) or a Connection or a Session (each call runs in a
+    savepoint of the caller's transaction, which it never ends; the lock row
+    is then held until the caller ends it). Writers are serialised by a lock
+    row, so several processes may apply, rebuild and catch up at the same
+    time; readers are never blocked and see each committed batch whole.
     """
 
-    def __init__(self, bind: _db.Bind, *, batch_size: int | None = None) -> None:
+    def __init__(self, bind: _tx.Bind, *, batch_size: int | None = None) -> None:
+        bind = _tx.check_bind(bind)
         if batch_size is None:
-            batch_size = _db.batch_size(_db.engine_of(bind))
+            batch_size = _tx.backend(bind).batch_size
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.bind = bind
         self.batch_size = batch_size
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({_db.engine_of(self.bind)!r})"
+        return f"{type(self).__name__}({_tx.engine_of(self.bind)!r})"
 
     @contextmanager
     def _locked(self) -> Iterator[tuple[sa.Connection, int]]:
         """Yield a Connection in a transaction holding the projection lock, and the position."""
-        with _db.transaction(self.bind) as connection:
-            yield connection, _db.lock(connection, PROJECTION)
+        with _tx.transaction(self.bind) as connection:
+            yield connection, _locks.lock(connection, PROJECTION)
 
     def apply(self, stored: StoredEvalEvent) -> bool:
         """Apply one event in its own transaction; ``False`` if it was already applied."""
@@ -301,34 +307,91 @@ class SqlEvalProjection:
         before its own stay committed and ``ProjectionError`` is raised.
         """
         applied = 0
-        for chunk in _batched(events, self.batch_size):
+        for chunk in batched(events, self.batch_size):
             with self._locked() as (connection, _):
                 applied += apply_batch(connection, chunk)
         return applied
 
-    def rebuild(self, events: Iterable[StoredEvalEvent]) -> int:
-        """Replace the projection by replaying ``events`` in one transaction.
+    def rebuild(
+        self,
+        events: Iterable[StoredEvalEvent] | SqlEventLog,
+        *,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Replace the projection by replaying ``events`` in one transaction; return how many.
 
-        Readers see the old projection until the new one is committed.
+        The projection is rewritten in place: studies the events create again
+        keep their rows (and the foreign keys of other tables to them).
+        Readers see the old projection until the new one is committed. Given
+        the log itself, or ``log.read()``, the position replayed to is
+        recorded, so the next ``catch_up`` starts there; after any other
+        iterable, ``catch_up`` starts from the beginning of the log and skips
+        what the projection already has. ``on_progress`` gets the count of
+        events replayed so far after each batch.
         """
+        if isinstance(events, SqlEventLog):
+            events = events.read()
         with self._locked() as (connection, _):
-            clear_rows(connection)
-            return sum(
-                apply_batch(connection, chunk) for chunk in _batched(events, self.batch_size)
-            )
+            _replace_all(connection)
+            applied = replayed = 0
+            for chunk in batched(events, self.batch_size):
+                applied += apply_batch(connection, chunk)
+                replayed += len(chunk)
+                if on_progress is not None:
+                    on_progress(replayed)
+            _drop_not_replayed(connection)
+            position = events.position if isinstance(events, LogReader) and events.start == 0 else 0
+            _locks.set_position(connection, PROJECTION, position)
+        return applied
 
     def clear(self) -> None:
-        """Empty the projection and reset its catch-up position."""
+        """Empty the projection and reset its catch-up position.
+
+        Refused with ``DatabaseError`` while rows of other tables reference
+        its studies.
+        """
         with self._locked() as (connection, _):
-            clear_rows(connection)
+            _clear_rows(connection)
 
     def catch_up(self, log: SqlEventLog) -> int:
         """Apply every logged event not applied yet, in log order; return how many."""
         applied = 0
         while True:
             with self._locked() as (connection, position):
-                rows = log.fetch(position, self.batch_size, connection=connection)
-                if not rows:
-                    return applied
-                applied += apply_batch(connection, [stored for _, stored in rows])
-                _db.set_position(connection, PROJECTION, rows[-1][0])
+                caught_up, reached = self._catch_up_batch(connection, log, position)
+            applied += caught_up
+            if reached is None:
+                return applied
+
+    def _catch_up_batch(
+        self, connection: sa.Connection, log: SqlEventLog, position: int
+    ) -> tuple[int, int | None]:
+        """Apply a batch of the log after ``position`` (lock held).
+
+        Return how many events were new and the position reached (``None``:
+        nothing was left to apply).
+        """
+        rows = log.fetch(position, self.batch_size)
+        if not rows:
+            return 0, None
+        applied = apply_batch(connection, [stored for _, stored in rows])
+        reached = rows[-1][0]
+        _locks.set_position(connection, PROJECTION, reached)
+        return applied, reached
+
+    def _before_append(self, connection: sa.Connection, log: SqlEventLog) -> None:
+        """Take the projection lock and bring the projection up to the log (log lock held).
+
+        Applying a new event of a study before an older, unprojected one would
+        make a later catch_up take the older one for a duplicate and skip it.
+        """
+        position: int | None = _locks.lock(connection, PROJECTION)
+        while position is not None:
+            _, position = self._catch_up_batch(connection, log, position)
+
+    def _after_append(
+        self, connection: sa.Connection, events: list[StoredEvalEvent], last_position: int
+    ) -> None:
+        """Project events the log just inserted, up to ``last_position`` (both locks held)."""
+        apply_batch(connection, events)
+        _locks.set_position(connection, PROJECTION, last_position)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 import sqlalchemy as sa
 from typing_extensions import Unpack
 
-from evals_orm import _db
+from evals_orm import _tx
+from evals_orm._rows import CHECKPOINT_COLUMNS, STUDY_COLUMNS, checkpoint_from_row, study_from_row
 from evals_orm.domain import Checkpoint, Study, StudyId, StudyStatus, ensure_utc
 from evals_orm.models import CheckpointRow, StudyRow
 
@@ -49,64 +49,39 @@ class EvalStorage(Protocol):
 
 _Select = sa.Select[Unpack[tuple[Any, ...]]]
 
-_STUDY_COLUMNS = (
-    StudyRow.id,
-    StudyRow.name,
-    StudyRow.status,
-    StudyRow.period_type,
-    StudyRow.period_value,
-    StudyRow.config,
-    StudyRow.created_at,
-    StudyRow.started_at,
-    StudyRow.stopped_at,
-)
-CHECKPOINT_COLUMNS = (
-    CheckpointRow.id,
-    CheckpointRow.study_id,
-    CheckpointRow.timestamp,
-    CheckpointRow.metrics,
-    CheckpointRow.events_analyzed,
-    CheckpointRow.sessions_included,
-)
 _STUDY_ORDER = (StudyRow.created_at.desc(), StudyRow.id.desc())
 _CHECKPOINT_ORDER = (CheckpointRow.timestamp.asc(), CheckpointRow.id.asc())
 
 
-def study_from_row(row: Sequence[object]) -> Study:
-    """Build a ``Study`` from a row of ``_STUDY_COLUMNS``."""
-    return Study(*row)  # type: ignore[arg-type]
-
-
-def checkpoint_from_row(row: Sequence[object]) -> Checkpoint:
-    """Build a ``Checkpoint`` from a row of ``CHECKPOINT_COLUMNS``."""
-    return Checkpoint(*row)  # type: ignore[arg-type]
-
-
 class SqlEvalStorage:
-    """``EvalStorage`` over an Engine or a sessionmaker, on any supported backend."""
+    """``EvalStorage`` on any supported backend.
 
-    def __init__(self, bind: _db.Bind) -> None:
-        self.bind = bind
+    ``bind`` is an Engine or a sessionmaker, or a Connection or a Session whose
+    transaction the reads then run in (seeing its uncommitted writes).
+    """
+
+    def __init__(self, bind: _tx.Bind) -> None:
+        self.bind = _tx.check_bind(bind)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({_db.engine_of(self.bind)!r})"
+        return f"{type(self).__name__}({_tx.engine_of(self.bind)!r})"
 
     def get_study(self, id: StudyId) -> Study | None:
         """Return the study ``id``, or ``None``."""
-        statement = sa.select(*_STUDY_COLUMNS).where(StudyRow.id == id)
-        with _db.read(self.bind) as connection:
+        statement = sa.select(*STUDY_COLUMNS).where(StudyRow.id == id)
+        with _tx.read(self.bind) as connection:
             row = connection.execute(statement).one_or_none()
         return None if row is None else study_from_row(row)
 
     def list_studies(self) -> list[Study]:
         """Return every study, newest ``created_at`` first (ties: highest id first)."""
-        return self._studies(sa.select(*_STUDY_COLUMNS).order_by(*_STUDY_ORDER))
+        return self._studies(sa.select(*STUDY_COLUMNS).order_by(*_STUDY_ORDER))
 
     def list_studies_by_status(self, status: StudyStatus) -> list[Study]:
         """Return the studies in ``status``, in ``list_studies`` order."""
         status = StudyStatus(status)
         statement = (
-            sa.select(*_STUDY_COLUMNS).where(StudyRow.status == status).order_by(*_STUDY_ORDER)
+            sa.select(*STUDY_COLUMNS).where(StudyRow.status == status).order_by(*_STUDY_ORDER)
         )
         return self._studies(statement)
 
@@ -137,14 +112,22 @@ class SqlEvalStorage:
         )
         return self._checkpoints(statement)
 
+    def checkpoint_counts(self) -> dict[StudyId, int]:
+        """Return how many checkpoints each study has (studies without any are left out)."""
+        statement = sa.select(CheckpointRow.study_id, sa.func.count()).group_by(
+            CheckpointRow.study_id
+        )
+        with _tx.read(self.bind) as connection:
+            return {StudyId(study_id): count for study_id, count in connection.execute(statement)}
+
     @staticmethod
     def _of_study(study_id: StudyId) -> _Select:
         return sa.select(*CHECKPOINT_COLUMNS).where(CheckpointRow.study_id == study_id)
 
     def _studies(self, statement: _Select) -> list[Study]:
-        with _db.read(self.bind) as connection:
+        with _tx.read(self.bind) as connection:
             return [study_from_row(row) for row in connection.execute(statement)]
 
     def _checkpoints(self, statement: _Select) -> list[Checkpoint]:
-        with _db.read(self.bind) as connection:
+        with _tx.read(self.bind) as connection:
             return [checkpoint_from_row(row) for row in connection.execute(statement)]

@@ -213,7 +213,8 @@ class WireJSON(TypeDecorator[T], Generic[T]):
         if value is None:
             return None
         if isinstance(value, (str, bytes)):
-            loaded: T = converters.loads_stored(value, self.value_type)
+            loaded: T = converters.loads(value, self.value_type)
             return loaded
-        structured: T = converters.structure_stored(value, self.value_type)
+        # jsonb comes back parsed by the driver.
+        structured: T = converters.structure(value, self.value_type)
         return structured

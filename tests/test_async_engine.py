@@ -20,9 +20,8 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
 from test_engine import _closed_port, _corrupt_libsql_file, equivalent_urls
 
 from evals_orm import ConfigurationError, create_async_engine
+from evals_orm._sqld import running_sqld
 from evals_orm.engine import BUSY_TIMEOUT_MS
-
-from sqld import running_sqld
 
 _T = TypeVar("_T")
 

@@ -1,7 +1,11 @@
-"""UUIDv7 ids and their times: uuid7, uuid7_at, StoredEvalEvent.new and occurred_at."""
+"""Domain types: UUIDv7 ids and their times, nanosecond datetimes, validation on construction."""
 
 from __future__ import annotations
 
+import copy
+import math
+import pickle
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from uuid import UUID
 
@@ -10,7 +14,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from evals_orm import StoredEvalEvent, StudyId, StudyStarted, uuid7, uuid7_at
-from evals_orm.events import uuid7_time
+from evals_orm.domain import (
+    CheckpointId,
+    FieldError,
+    LongitudinalMetrics,
+    NanoDatetime,
+    NanoTimedelta,
+    StudyConfig,
+    TimePeriod,
+)
+from evals_orm.events import CheckpointRecorded, StudyCreated, StudyPaused, uuid7_time
 
 UTC = timezone.utc
 moments = st.datetimes(min_value=datetime(1970, 1, 1), timezones=st.timezones()).filter(
@@ -86,3 +99,78 @@ def test_a_time_after_the_year_9999_is_a_clear_value_error() -> None:
     stored = StoredEvalEvent(beyond, StudyStarted(StudyId(beyond)))
     with pytest.raises(ValueError, match="after the year 9999"):
         stored.occurred_at  # noqa: B018 - the property raises
+
+
+def test_nano_types_compare_and_hash_with_their_nanoseconds() -> None:
+    """NanoDatetime/NanoTimedelta order and hash by the nanosecond; 0 equals the plain type."""
+    plain = datetime(2024, 1, 1, 0, 0, 0, 5, timezone.utc)
+    later = NanoDatetime(2024, 1, 1, 0, 0, 0, 5, timezone.utc, nanosecond=1)
+    assert plain < later
+    assert later > plain
+    assert plain != later
+    assert plain == NanoDatetime(2024, 1, 1, 0, 0, 0, 5, timezone.utc)
+    assert hash(plain) == hash(NanoDatetime(2024, 1, 1, 0, 0, 0, 5, timezone.utc))
+    assert later < datetime(2024, 1, 1, 0, 0, 0, 6, timezone.utc)
+    assert len({plain, later}) == 2
+    assert copy.deepcopy(later) == later
+    assert pickle.loads(pickle.dumps(later)) == later
+    short = timedelta(microseconds=5)
+    longer = NanoTimedelta(0, 5, nanosecond=1)
+    assert short < longer
+    assert longer > short
+    assert short != longer
+    assert short == NanoTimedelta(0, 5)
+    assert pickle.loads(pickle.dumps(longer)) == longer
+    assert len({short, longer}) == 2
+    with pytest.raises(ValueError, match=r"nanosecond must be in 0\.\.999"):
+        NanoTimedelta(0, nanosecond=1000)
+
+
+def test_nano_datetime_keeps_its_nanoseconds_across_time_zones_only() -> None:
+    """astimezone keeps the nanoseconds; replace and arithmetic drop them."""
+    value = NanoDatetime(2024, 1, 1, 0, 0, 0, 5, timezone.utc, nanosecond=7)
+    assert 7 == value.nanosecond
+    local = value.astimezone(timezone(timedelta(hours=2)))
+    assert (2, 7) == (local.hour, local.nanosecond)
+    assert value == TimePeriod(local, local).start
+    assert 0 == value.replace(second=1).nanosecond
+    assert datetime(2024, 1, 1, 0, 0, 1, 5, timezone.utc) == value + timedelta(seconds=1)
+
+
+def test_float_fields_take_integers_and_lifecycle_events_share_study_id() -> None:
+    """An int rate becomes a float; every lifecycle event answers study_id with its id."""
+    assert 3.0 == LongitudinalMetrics(total_cost=3).total_cost
+    assert isinstance(LongitudinalMetrics(total_cost=3).total_cost, float)
+    study = StudyId(uuid7())
+    assert study == StudyPaused(study).study_id
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: LongitudinalMetrics(total_cost=math.nan), "total_cost: must be a finite number"),
+        (lambda: LongitudinalMetrics(tasks_completed=-1), "tasks_completed: must be an integer"),
+        (lambda: TimePeriod(datetime(2024, 1, 1)), "start: must be a timezone-aware datetime"),
+        (lambda: StudyConfig(tags=("a", 1)), "tags[1]: expected a string, got integer 1"),  # type: ignore[arg-type]
+        (
+            lambda: CheckpointRecorded(
+                CheckpointId(uuid7()),
+                StudyId(uuid7()),
+                datetime.now(UTC),
+                sessions_included=(1,),  # type: ignore[arg-type]
+            ),
+            "sessions_included[0]: expected a string",
+        ),
+        (
+            lambda: StudyCreated(StudyId(uuid7()), "n", "daily"),  # type: ignore[arg-type]
+            "period_type: expected PeriodType",
+        ),
+    ],
+)
+def test_invalid_values_are_refused_naming_the_field(
+    build: Callable[[], object], message: str
+) -> None:
+    """Construction validates: a FieldError (a ValueError) names the field, never another one."""
+    with pytest.raises(FieldError) as info:
+        build()
+    assert str(info.value).startswith(message)

@@ -20,9 +20,8 @@ from conftest import Database
 from sqlalchemy.pool import QueuePool, StaticPool
 
 from evals_orm import ConfigurationError, DatabaseError, create_engine, sync
+from evals_orm._sqld import running_sqld
 from evals_orm.engine import BUSY_TIMEOUT_MS
-
-from sqld import running_sqld
 
 
 def _closed_port() -> int:

@@ -27,6 +27,7 @@ from evals_orm import (
     EvalsError,
     EventConflictError,
     EventOrderError,
+    IngestReport,
     InvalidEventError,
     InvalidLine,
     LongitudinalMetrics,
@@ -45,11 +46,14 @@ from evals_orm import (
     StudyStopped,
     create_engine,
     dumps,
+    ingest,
     metadata,
     migrations,
     read_jsonl,
     uuid7_at,
 )
+
+from support import raw_rows
 
 _BASE = datetime(2025, 1, 1, tzinfo=timezone.utc)
 _EPOCH = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -310,6 +314,27 @@ def test_catch_up_after_rebuild_from_the_log_applies_nothing(migrated: sa.Engine
     assert 0 == projection.catch_up(log)
     log.append(events[-3:])
     assert 3 == projection.catch_up(log)
+    assert _rebuilt_snapshot(migrated, log) == _snapshot(migrated)
+
+
+def test_rebuild_from_the_log_records_the_position_it_replayed_to(migrated: sa.Engine) -> None:
+    """rebuild(log) and rebuild(log.read()) store the log's last position; another iterable 0."""
+    log = SqlEventLog(migrated)
+    projection = SqlEvalProjection(migrated, batch_size=4)
+    events = _history(3, 2)
+    log.append(events)
+    last = log.count()
+    for source, expected in (
+        (log, last),
+        (iter(list(log.read())), 0),
+        (log.read(), last),
+        (log.read(limit=5), 5),
+    ):
+        projection.rebuild(source)
+        assert [(expected,)] == raw_rows(
+            migrated, "SELECT position FROM eval_tracking WHERE name = 'projection'"
+        )
+    assert last - 5 == projection.catch_up(log)
     assert _rebuilt_snapshot(migrated, log) == _snapshot(migrated)
 
 
@@ -635,3 +660,34 @@ def test_concurrent_writers_and_projectors_project_every_event_once(
     logged_checkpoints = sum(isinstance(s.event, CheckpointRecorded) for s in logged)
     assert logged_checkpoints == sum(len(c) for c in projected[1].values())
     assert _rebuilt_snapshot(engine, log) == projected
+
+
+def test_golden_lines_come_back_from_the_log_and_jsonl_byte_for_byte(
+    migrated: sa.Engine, tmp_path: Path
+) -> None:
+    """9-digit times, nanosecond durations and `e+` exponents survive append, read and re-ingest."""
+    lines = (Path(__file__).parent / "golden" / "rust_events.jsonl").read_text().splitlines()
+    source = tmp_path / "rust.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    log = SqlEventLog(migrated)
+    assert len(lines) == log.append(read_jsonl(source))
+    assert lines == [dumps(stored) for stored in log.read()]
+    assert 0 == log.append(read_jsonl(source))
+
+
+def test_ingest_appends_projects_and_reports_the_bad_lines(migrated: sa.Engine) -> None:
+    """ingest() writes the good lines, reports each bad one with its reason, writes none of it."""
+    log, projection = SqlEventLog(migrated), SqlEvalProjection(migrated)
+    events = _history(2, 1)
+    lines = [dumps(stored) for stored in events]
+    stale = dumps(_started(0, -1))  # older than the study's logged events
+    given = [lines[0], "{not json", "", *lines[1:3], stale, *lines[3:], lines[0]]
+    reported: list[InvalidLine] = []
+    report = ingest(given, log, projection, source="feed", batch_size=3, on_invalid=reported.append)
+    assert IngestReport(read=len(events) + 3, new=len(events), invalid=tuple(reported)) == report
+    assert [2, 6] == [bad.line for bad in reported]
+    assert {"feed"} == {bad.source for bad in reported}
+    assert "not newer" in reported[1].reason
+    assert 1 == report.already_logged
+    assert len(events) == log.count()
+    assert _rebuilt_snapshot(migrated, log) == _snapshot(migrated)

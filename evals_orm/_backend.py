@@ -1,0 +1,114 @@
+"""One record per backend: every dialect and driver decision of the services reads it.
+
+Adding a backend means adding one ``Backend`` in ``backend_of`` and, where it
+needs one, a bulk-insert strategy in ``_bulk``.
+"""
+
+from __future__ import annotations
+
+import enum
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from evals_orm.errors import DatabaseError
+
+__all__ = ["Backend", "BulkInsert", "backend_of"]
+
+
+class BulkInsert(enum.Enum):
+    """How ``_bulk.insert_rows`` sends many rows."""
+
+    COPY = "copy"  # PostgreSQL through psycopg 3: COPY FROM STDIN
+    TUPLES = "tuples"  # one DBAPI executemany of processed parameter tuples
+    MULTI_ROW = "multi_row"  # few INSERT statements of many VALUES rows each
+    EXECUTEMANY = "executemany"  # SQLAlchemy's own executemany
+
+
+@attrs.frozen
+class Backend:
+    """What the services need to know about the database behind an Engine."""
+
+    name: str  # "sqlite", "libsql", "libsql-remote" or "postgresql"
+    family: str  # the dialect's name
+    remote: bool
+    in_memory: bool
+    # The dialect's ``insert`` construct, the one with ON CONFLICT clauses.
+    insert: Callable[..., Any]
+    bulk_insert: BulkInsert
+    # Whether ``insert_rows(..., skip_conflicts=True)`` works and counts what it inserted.
+    skips_conflicts: bool
+    # How many events one write transaction takes.
+    batch_size: int
+    # One writer per database: writers of this process queue on a writer slot
+    # (``_writer``) in Python, never inside the driver.
+    single_writer: bool
+    # ``column = ANY(:array)`` instead of an IN list of thousands of parameters.
+    any_array: bool
+    # Execution options of the services' own write transactions.
+    write_options: dict[str, str] = attrs.field(factory=dict)
+
+
+_CACHE: weakref.WeakKeyDictionary[sa.Engine, Backend] = weakref.WeakKeyDictionary()
+
+# A remote libSQL server aborts a transaction that keeps a waiting writer out
+# for about 5 s, so batches there stay small; elsewhere large batches
+# amortise statements and commits.
+_REMOTE_BATCH = 500
+_BATCH = 10_000
+
+
+def backend_of(engine: sa.Engine) -> Backend:
+    """Return the ``Backend`` of ``engine`` (computed once per Engine)."""
+    backend = _CACHE.get(engine)
+    if backend is None:
+        backend = _CACHE[engine] = _compute(engine)
+    return backend
+
+
+def _compute(engine: sa.Engine) -> Backend:
+    dialect = engine.dialect
+    if dialect.name == "sqlite":
+        version = dialect.server_version_info
+        if version is not None and version < (3, 24):
+            raise DatabaseError("SQLite 3.24 or newer is needed (for ON CONFLICT upserts)")
+        libsql = dialect.driver == "libsql"
+        remote = libsql and bool(engine.url.host)
+        # Remote libSQL sends one request per row of an executemany.
+        bulk = BulkInsert.MULTI_ROW if remote else BulkInsert.TUPLES
+        return Backend(
+            name="libsql-remote" if remote else "libsql" if libsql else "sqlite",
+            family="sqlite",
+            remote=remote,
+            in_memory=not remote and engine.url.database in (None, "", ":memory:"),
+            insert=sqlite.insert,
+            bulk_insert=bulk,
+            skips_conflicts=True,
+            batch_size=_REMOTE_BATCH if remote else _BATCH,
+            single_writer=True,
+            any_array=False,
+        )
+    if dialect.name == "postgresql":
+        copy = not dialect.is_async and getattr(dialect.loaded_dbapi, "__name__", "") == "psycopg"
+        return Backend(
+            name="postgresql",
+            family="postgresql",
+            remote=True,
+            in_memory=False,
+            insert=postgresql.insert,
+            bulk_insert=BulkInsert.COPY if copy else BulkInsert.EXECUTEMANY,
+            # COPY cannot skip conflicting rows, and other drivers' executemany
+            # may not count what it inserted: checkpoints are looked up first.
+            skips_conflicts=False,
+            batch_size=_BATCH,
+            single_writer=False,
+            any_array=True,
+            # A writer that waited for a lock row reads what its predecessor
+            # committed instead of failing to serialise.
+            write_options={"isolation_level": "READ COMMITTED"},
+        )
+    raise DatabaseError(f"the {dialect.name} dialect is not supported by evals_orm")

@@ -1,0 +1,162 @@
+"""Dialect upserts and bulk inserts, dispatched on the ``Backend`` record."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+from uuid import UUID
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import InstrumentedAttribute
+
+from evals_orm._backend import BulkInsert, backend_of
+
+__all__ = ["insert_rows", "one_of", "upsert"]
+
+# SQLite's limit on the parameters of one statement (SQLITE_MAX_VARIABLE_NUMBER).
+_SQLITE_MAX_PARAMETERS = 32_766
+
+_UUID_ARRAY = postgresql.ARRAY(postgresql.UUID(as_uuid=True))
+
+Rows = Sequence[Mapping[str, Any]]
+
+
+def _execute_rows(connection: sa.Connection, statement: Any, rows: Rows) -> int:
+    """Execute ``statement`` for every row (an executemany); return the rows it changed.
+
+    Where the backend sends one request per row of an executemany (remote
+    libSQL), rows go as few multi-row statements instead, in order, so
+    generated keys follow the rows' order as with executemany.
+    """
+    if backend_of(connection.engine).bulk_insert is not BulkInsert.MULTI_ROW:
+        return connection.execute(statement, list(rows)).rowcount
+    changed = 0
+    per_statement = max(1, _SQLITE_MAX_PARAMETERS // max(1, len(rows[0])))
+    for start in range(0, len(rows), per_statement):
+        changed += connection.execute(
+            statement.values(list(rows[start : start + per_statement]))
+        ).rowcount
+    return changed
+
+
+def upsert(
+    connection: sa.Connection,
+    entity: Any,
+    rows: Rows,
+    *,
+    key: Sequence[str],
+    update: Sequence[str],
+) -> None:
+    """Insert ``rows``, or update the ``update`` columns of those whose ``key`` exists."""
+    if not rows:
+        return
+    statement = backend_of(connection.engine).insert(entity)
+    statement = statement.on_conflict_do_update(
+        index_elements=list(key),
+        set_={name: statement.excluded[name] for name in update},
+    )
+    _execute_rows(connection, statement, rows)
+
+
+def one_of(
+    connection: sa.Connection, column: InstrumentedAttribute[Any], values: Collection[UUID]
+) -> sa.ColumnElement[bool]:
+    """Return ``column IN values`` for a UUID column, fit for thousands of values.
+
+    An IN list binds one parameter per value, which PostgreSQL parses and
+    plans slowly by the thousand; there the same test is ``= ANY`` of one
+    array parameter (a batch's checkpoint lookup takes a third of the time).
+    """
+    if backend_of(connection.engine).any_array:
+        return column == sa.any_(sa.bindparam(None, list(values), type_=_UUID_ARRAY))
+    return column.in_(values)
+
+
+def insert_rows(
+    connection: sa.Connection,
+    entity: Any,
+    rows: Rows,
+    *,
+    skip_conflicts: bool = False,
+) -> int:
+    """Insert ``rows`` (all with the same keys) in bulk, in the order given; return how many.
+
+    The backend's ``bulk_insert`` strategy picks how. Values go through the
+    columns' own types every time, so the rows are exactly what an
+    ``INSERT`` of them stores. With ``skip_conflicts`` (only where the
+    backend ``skips_conflicts``), rows whose key exists are left out.
+    """
+    if not rows:
+        return 0
+    backend = backend_of(connection.engine)
+    assert backend.skips_conflicts or not skip_conflicts
+    table: sa.Table = entity.__table__
+    if backend.bulk_insert is BulkInsert.COPY:
+        _copy_rows(connection, table, rows)
+        return len(rows)
+    statement = backend.insert(table)
+    if skip_conflicts:
+        statement = statement.on_conflict_do_nothing()
+    if backend.bulk_insert is not BulkInsert.TUPLES:
+        return _execute_rows(connection, statement, rows)
+    dialect = connection.dialect
+    names = list(rows[0])
+    compiled = statement.compile(dialect=dialect, column_keys=names)
+    order = compiled.positiontup
+    if order is None:  # a driver with a named paramstyle: SQLAlchemy's executemany
+        return _execute_rows(connection, statement, rows)
+    columns = _processors(dialect, table, order)
+    # Parameters are processed here once, as SQLAlchemy would, and the driver
+    # gets plain tuples, without SQLAlchemy's per-row bookkeeping. Measured:
+    # about 10 % less CPU time for apply_many of a 20,000-event stream on
+    # SQLite and embedded libSQL than SQLAlchemy's executemany.
+    result = connection.exec_driver_sql(
+        compiled.string,
+        [
+            tuple(
+                [row[name] if process is None else process(row[name]) for name, process in columns]
+            )
+            for row in rows
+        ],
+    )
+    return result.rowcount
+
+
+def _processors(
+    dialect: sa.Dialect, table: sa.Table, names: Sequence[str]
+) -> list[tuple[str, Any]]:
+    return [
+        (name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in names
+    ]
+
+
+def _copy_rows(connection: sa.Connection, table: sa.Table, rows: Rows) -> None:
+    """Insert ``rows`` by ``COPY FROM STDIN`` on a sync psycopg 3 connection.
+
+    Measured: apply_many of a 20,000-event stream takes about a third of the
+    time it takes with SQLAlchemy's executemany of the same rows.
+    """
+    dialect = connection.dialect
+    names = list(rows[0])
+    columns = _processors(dialect, table, names)
+    quote = dialect.identifier_preparer.quote
+    statement = (
+        f"COPY {dialect.identifier_preparer.format_table(table)} "
+        f"({', '.join(quote(name) for name in names)}) FROM STDIN"
+    )
+    driver_connection = connection.connection.driver_connection
+    assert driver_connection is not None
+    try:
+        with driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(
+                    [
+                        row[name] if process is None else process(row[name])
+                        for name, process in columns
+                    ]
+                )
+    except dialect.loaded_dbapi.Error as error:
+        raise sa.exc.DBAPIError.instance(
+            statement, None, error, dialect.loaded_dbapi.Error
+        ) from error

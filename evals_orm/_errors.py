@@ -1,0 +1,63 @@
+"""Driver errors become ``DatabaseError``s that say what to do - here, and only here."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import sqlalchemy as sa
+
+from evals_orm.errors import (
+    CredentialsError,
+    DatabaseError,
+    EvalsError,
+    SchemaMissingError,
+    UnreachableError,
+)
+
+__all__ = ["translate", "translated"]
+
+_MISSING_SCHEMA = re.compile(
+    r"no such table|relation \"?[\w.]+\"? does not exist|UndefinedTable", re.IGNORECASE
+)
+_UNAUTHORIZED = re.compile(
+    r"\b401\b|unauthori[sz]ed|password authentication failed|invalid token|jwt", re.IGNORECASE
+)
+_UNREACHABLE = re.compile(
+    r"connection refused|could not connect|connection failed|"
+    r"failed to connect|name or service not known|unable to open database|"
+    r"error sending request|timed out|dns error",
+    re.IGNORECASE,
+)
+
+
+def translate(error: Exception) -> DatabaseError:
+    """Return the ``DatabaseError`` that tells the user what to do about a driver error."""
+    message = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+    if _MISSING_SCHEMA.search(message):
+        return SchemaMissingError(
+            "the evals_orm tables are missing from this database; "
+            "run `evals-orm db upgrade` (or evals_orm.migrations.upgrade) first"
+        )
+    if _UNAUTHORIZED.search(message):
+        return CredentialsError(
+            f"the database refused the credentials ({message}); check the auth token or password"
+        )
+    if _UNREACHABLE.search(message):
+        return UnreachableError(
+            f"cannot reach the database ({message}); check the URL, "
+            "the credentials and that the server is running"
+        )
+    return DatabaseError(f"the database failed: {message}")
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Raise driver errors of the block as ``DatabaseError``; let ``EvalsError`` through."""
+    try:
+        yield
+    except EvalsError:
+        raise
+    except sa.exc.DBAPIError as error:
+        raise translate(error) from error

@@ -1,0 +1,104 @@
+"""Ingest JSON Lines of events: append to the log, project, and isolate the bad lines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import attrs
+
+from evals_orm.converters import loads
+from evals_orm.errors import EventConflictError, EventOrderError, InvalidEventError, ProjectionError
+from evals_orm.eventlog import InvalidLine, SqlEventLog
+from evals_orm.events import StoredEvalEvent
+from evals_orm.projection import SqlEvalProjection
+
+__all__ = ["IngestReport", "ingest"]
+
+BATCH = 500
+_REJECTED = (ProjectionError, EventConflictError, EventOrderError)
+
+
+@attrs.frozen
+class IngestReport:
+    """What ``ingest`` did: lines read, events new to the log, and the bad lines."""
+
+    read: int = 0
+    new: int = 0
+    invalid: tuple[InvalidLine, ...] = ()
+
+    @property
+    def already_logged(self) -> int:
+        """How many good lines were events the log already held."""
+        return self.read - self.new - len(self.invalid)
+
+    def __add__(self, other: IngestReport) -> IngestReport:
+        return IngestReport(
+            self.read + other.read, self.new + other.new, self.invalid + other.invalid
+        )
+
+
+def ingest(
+    lines: Iterable[str | bytes],
+    log: SqlEventLog,
+    projection: SqlEvalProjection | None = None,
+    *,
+    source: str = "<stream>",
+    on_invalid: Callable[[InvalidLine], None] | None = None,
+    on_line: Callable[[int], None] | None = None,
+    batch_size: int = BATCH,
+) -> IngestReport:
+    """Append the ``StoredEvalEvent`` JSON lines to ``log`` (and project them); report.
+
+    Blank lines are skipped. Good lines are appended in transactions of
+    ``batch_size``, projected inline when ``projection`` is given. A line
+    that is not a valid event, or that the log or the projection rejects,
+    is left out - nothing of it is written - and reported as an
+    ``InvalidLine`` (with ``source`` and its line number), to ``on_invalid``
+    too, in line order, as each batch is done. ``on_line`` gets the count of
+    lines read so far after each line (for progress displays).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if projection is not None:
+        # Inline projection only keeps up if the projection already has the log.
+        projection.catch_up(log)
+    read = new = 0
+    invalid: list[InvalidLine] = []
+    batch: list[tuple[int, StoredEvalEvent]] = []
+    pending: list[InvalidLine] = []
+
+    def flush() -> None:
+        nonlocal new
+        if batch:
+            try:
+                new += log.append([stored for _, stored in batch], projection=projection)
+            except _REJECTED:
+                # Nothing of the batch was written: retry event by event, so
+                # only the culprits are left out.
+                for number, stored in batch:
+                    try:
+                        new += log.append(stored, projection=projection)
+                    except _REJECTED as error:
+                        pending.append(InvalidLine(source, number, str(error)))
+            batch.clear()
+        pending.sort(key=lambda bad: bad.line)
+        for bad in pending:
+            if on_invalid is not None:
+                on_invalid(bad)
+        invalid.extend(pending)
+        pending.clear()
+
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        read += 1
+        try:
+            batch.append((number, loads(line)))
+        except InvalidEventError as error:
+            pending.append(InvalidLine(source, number, str(error)))
+        if len(batch) >= batch_size:
+            flush()
+        if on_line is not None:
+            on_line(read)
+    flush()
+    return IngestReport(read, new, tuple(invalid))

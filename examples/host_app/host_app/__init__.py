@@ -1,0 +1,1 @@
+"""A host application that keeps reviews of evals_orm studies in its own table."""
