@@ -114,7 +114,7 @@ def test_url_forms_map_to_async_driver_urls(
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("mysql://u@h/db", "unsupported database URL scheme 'mysql'"),
+        ("oracle://u@h/db", "unsupported database URL scheme 'oracle'"),
         ("http://127.0.0.1:abc", "cannot parse the database URL"),
         ("postgresql://postgres@[::1/x", "cannot parse the database URL"),
         ("libsql://", "needs a host"),
