@@ -131,8 +131,9 @@ def _compute(engine: sa.Engine) -> Backend:
             single_writer=False,
             any_array=False,
             # As on PostgreSQL: a writer that waited for a lock row reads what
-            # its predecessor committed, and InnoDB takes no gap locks, so
-            # concurrent writers queue on the lock row instead of deadlocking.
+            # its predecessor committed; and InnoDB then takes no gap locks on
+            # the rows it scans (REPEATABLE READ would), so writers queue on the
+            # lock row and nowhere else. create_engine makes it the default too.
             write_options={"isolation_level": "READ COMMITTED"},
         )
     raise DatabaseError(f"the {dialect.name} dialect is not supported by evals_orm")
