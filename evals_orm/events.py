@@ -26,6 +26,7 @@ from evals_orm.domain import (
     require_u64,
     to_texts,
     to_utc,
+    unchecked_constructor,
     uuid7,
 )
 
@@ -101,6 +102,10 @@ class StudyStopped(_Lifecycle):
     """A study was stopped for good."""
 
 
+# This event's fields are valid, so they make a valid checkpoint as they are.
+_checkpoint = unchecked_constructor(Checkpoint)
+
+
 @attrs.frozen
 class CheckpointRecorded:
     """Metrics of a study were recorded at ``timestamp``."""
@@ -118,7 +123,7 @@ class CheckpointRecorded:
 
     def to_checkpoint(self) -> Checkpoint:
         """Return the checkpoint this event records."""
-        return Checkpoint(
+        return _checkpoint(
             self.id,
             self.study_id,
             self.timestamp,

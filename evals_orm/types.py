@@ -18,7 +18,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from evals_orm import converters
-from evals_orm.domain import ensure_utc
+from evals_orm.domain import ensure_utc, unchecked_uuid
 
 __all__ = ["GUID", "EnumText", "UInt32", "UInt64", "UTCDateTime", "WireJSON"]
 
@@ -102,10 +102,11 @@ class GUID(TypeDecorator[UUID]):
             return value
         return str(value)
 
-    def process_result_value(self, value: Any, dialect: Dialect) -> UUID | None:
-        if value is None or isinstance(value, UUID):
-            return value
-        return UUID(value)
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        if _is_postgresql(dialect):
+            return None  # the driver returns UUID objects
+        # Only process_bind_param wrote this text, so it is not checked again.
+        return lambda value: None if value is None else unchecked_uuid(value)
 
 
 class EnumText(TypeDecorator[E], Generic[E]):
@@ -209,12 +210,13 @@ class WireJSON(TypeDecorator[T], Generic[T]):
     def process_bind_param(self, value: T | None, dialect: Dialect) -> Any:
         return None if value is None else converters.dumps(value)
 
-    def process_result_value(self, value: Any, dialect: Dialect) -> T | None:
-        if value is None:
-            return None
-        if isinstance(value, (str, bytes)):
-            loaded: T = converters.loads(value, self.value_type)
-            return loaded
-        # jsonb comes back parsed by the driver.
-        structured: T = converters.structure(value, self.value_type)
-        return structured
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        # Only ``dumps`` wrote these values (text, or jsonb the driver parses),
+        # so they are read back without the wire format's checks; the impl
+        # types have no result processing of their own to chain.
+        decode = converters.written_decoder(self.value_type)
+
+        def process(value: Any) -> T | None:
+            return None if value is None else decode(value)
+
+        return process
