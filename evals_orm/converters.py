@@ -359,23 +359,35 @@ def _tag_first(
     return unstructure_event
 
 
+_FIXED_UNSTRUCTURE = (datetime, timedelta, tuple[str, ...])
+
+
 def _register_class(conv: cattrs.Converter, cls: type[Any]) -> None:
     # Generated functions look up the hooks of their fields' types when they
     # are made, so classes are registered after the classes they hold. A
     # float field's own converter (int to float) and validator (finite) do
     # all the work, so its JSON value goes straight in; the other converted
     # fields (datetimes, string tuples, maps) are parsed by their type's hook.
+    fields = attrs.fields(attrs.resolve_types(cls))
     hooks: dict[str, Any] = {
         field.name: override(struct_hook=conv.get_structure_hook(field.type))
-        for field in attrs.fields(attrs.resolve_types(cls))
+        for field in fields
         if field.converter is not None and field.type is not float
     }
     structure_fn: Callable[[Any, Any], Any] = make_dict_structure_fn(
         cls, conv, _cattrs_prefer_attrib_converters=True, **hooks
     )
     conv.register_structure_hook(cls, _object_hook(cls, structure_fn))
+    # Without a fixed hook cattrs looks one up by each value's class, on
+    # every call; the hooks of these types take their subclasses too
+    # (NanoDatetime, NanoTimedelta) and the classes have none.
+    unstructure_hooks: dict[str, Any] = {
+        field.name: override(unstruct_hook=conv.get_unstructure_hook(field.type))
+        for field in fields
+        if field.type in _FIXED_UNSTRUCTURE or attrs.has(field.type)
+    }
     unstructure_fn: Callable[[Any], dict[str, Any]] = make_dict_unstructure_fn(
-        cls, conv, _cattrs_omit_if_default=cls is StudyConfig
+        cls, conv, _cattrs_omit_if_default=cls is StudyConfig, **unstructure_hooks
     )
     tag = _TAGS.get(cls)
     conv.register_unstructure_hook(
@@ -426,6 +438,8 @@ def configure_converter(conv: cattrs.Converter) -> None:
     conv.register_unstructure_hook(UUID, str)
     conv.register_structure_hook(PeriodType, _structure_period_type)
     conv.register_unstructure_hook(PeriodType, lambda member: member.value)
+    # A list of the strings as they are (cattrs would unstructure each one).
+    conv.register_unstructure_hook_func(partial(operator.eq, tuple[str, ...]), list)
     # Generic aliases and optionals are no classes: cattrs matches them by a predicate.
     for alias, hook in (
         (tuple[str, ...], _structure_texts),

@@ -84,6 +84,7 @@ def uuid7_at(moment: datetime, random_bits: int | None = None) -> UUID:
 _new_uuid = object.__new__
 _set_uuid_int = UUID.__dict__["int"].__set__
 _set_uuid_is_safe = UUID.__dict__["is_safe"].__set__
+_UUID_SAFETY_UNKNOWN = SafeUUID.unknown  # an enum member lookup costs a call
 
 
 def unchecked_uuid(text: str) -> UUID:
@@ -95,7 +96,7 @@ def unchecked_uuid(text: str) -> UUID:
     """
     uuid = _new_uuid(UUID)
     _set_uuid_int(uuid, int(text.replace("-", ""), 16))
-    _set_uuid_is_safe(uuid, SafeUUID.unknown)
+    _set_uuid_is_safe(uuid, _UUID_SAFETY_UNKNOWN)
     return uuid
 
 
