@@ -66,14 +66,19 @@ def raw_connection(target: Target) -> Iterator[Any]:
         connection.close()
 
 
-def best_of(run: Callable[[], object], rounds: int) -> float:
-    """Return the fastest of ``rounds`` timed calls, in seconds."""
-    times = []
+def best_of(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Return the fastest of ``rounds`` timed calls of each run, in seconds.
+
+    The runs take turns within each round, so a busy spell of the machine
+    slows all of them rather than whichever ran during it.
+    """
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return {name: min(taken) for name, taken in times.items()}
 
 
 def raw_log(connection: Any) -> int:
@@ -105,26 +110,33 @@ def bench_backend(server: Server, studies: int, rounds: int) -> list[list[object
             projection = SqlEvalProjection(engine)
             storage = SqlEvalStorage(engine)
             with raw_connection(target) as connection:
-                raw_read = best_of(lambda: raw_log(connection), rounds)
-                ours_read = best_of(lambda: sum(1 for _ in log.read()), rounds)
-                ours_rebuild = best_of(lambda: projection.rebuild(log.read()), rounds)
+                log_times = best_of(
+                    {
+                        "raw": lambda: raw_log(connection),
+                        "read": lambda: sum(1 for _ in log.read()),
+                        "rebuild": lambda: projection.rebuild(log.read()),
+                    },
+                    rounds,
+                )
                 with engine.connect() as sa_connection:
                     study = StudyId(
                         sa_connection.scalars(sa.select(CheckpointRow.study_id).limit(1)).one()
                     )
-                calls = rounds * 10
-                raw_query = best_of(
-                    lambda: raw_checkpoints(connection, target.backend, study), calls
+                query_times = best_of(
+                    {
+                        "raw": lambda: raw_checkpoints(connection, target.backend, study),
+                        "checkpoints": lambda: storage.get_checkpoints(study),
+                    },
+                    rounds * 10,
                 )
-                ours_query = best_of(lambda: storage.get_checkpoints(study), calls)
         finally:
             engine.dispose()
     count = shape.events
     rows: list[list[object]] = []
     for name, raw, ours, items in (
-        ("read", raw_read, ours_read, count),
-        ("rebuild", raw_read, ours_rebuild, count),
-        ("checkpoints", raw_query, ours_query, CHECKPOINTS_PER_STUDY),
+        ("read", log_times["raw"], log_times["read"], count),
+        ("rebuild", log_times["raw"], log_times["rebuild"], count),
+        ("checkpoints", query_times["raw"], query_times["checkpoints"], CHECKPOINTS_PER_STUDY),
     ):
         ratio = raw / ours
         rows.append(
@@ -145,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", action="append", choices=BACKENDS)
     parser.add_argument("--studies", type=int, default=20, help="500 checkpoints each")
-    parser.add_argument("--rounds", type=int, default=3, help="best of this many runs")
+    parser.add_argument("--rounds", type=int, default=5, help="best of this many runs")
     args = parser.parse_args(argv)
     rows: list[list[object]] = []
     with tempfile.TemporaryDirectory() as workdir:

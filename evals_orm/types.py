@@ -200,15 +200,18 @@ class WireJSON(TypeDecorator[T], Generic[T]):
         # The value is written as wire JSON text on every backend; jsonb's own
         # processor (which would encode it again) is skipped on purpose and
         # PostgreSQL parses the text at the bind's ``::JSONB`` cast.
+        # Encoded as the column's type, whose hook is found once; by the
+        # value's class, a ``tuple[str, ...]`` would go item by item as any tuple.
         dumps = converters.dumps
+        value_type = self.value_type
 
         def process(value: T | None) -> str | None:
-            return None if value is None else dumps(value)
+            return None if value is None else dumps(value, value_type)
 
         return process
 
     def process_bind_param(self, value: T | None, dialect: Dialect) -> Any:
-        return None if value is None else converters.dumps(value)
+        return None if value is None else converters.dumps(value, self.value_type)
 
     def result_processor(self, dialect: Dialect, coltype: object) -> Any:
         # Only ``dumps`` wrote these values (text, or jsonb the driver parses),
