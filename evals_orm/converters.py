@@ -198,10 +198,9 @@ def _structure_duration(value: Any, _: Any) -> timedelta:
 
 
 def _duration(seconds: int, nanos: int) -> timedelta:
-    micros, nanosecond = divmod(nanos, 1000)
-    if nanosecond:
-        return NanoTimedelta(seconds, micros, nanosecond=nanosecond)
-    return timedelta(0, seconds, micros)
+    if nanos % 1000:
+        return NanoTimedelta(seconds, nanos // 1000, nanosecond=nanos % 1000)
+    return timedelta(0, seconds, nanos // 1000)
 
 
 def _unstructure_duration(value: timedelta) -> list[int]:

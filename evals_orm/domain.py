@@ -589,8 +589,8 @@ class Study:
 class Checkpoint:
     """Metrics of one study recorded at one instant."""
 
-    id: CheckpointId = attrs.field(validator=_require_uuid)
-    study_id: StudyId = attrs.field(validator=_require_uuid)
+    id: CheckpointId = attrs.field(converter=CheckpointId, validator=_require_uuid)
+    study_id: StudyId = attrs.field(converter=StudyId, validator=_require_uuid)
     timestamp: datetime = attrs.field(converter=to_utc, validator=require_aware)
     metrics: LongitudinalMetrics = attrs.field(
         factory=LongitudinalMetrics, validator=require_instance(LongitudinalMetrics)

@@ -58,7 +58,7 @@ _require_uuid = require_instance(UUID)
 class StudyCreated:
     """A study was defined; it starts out pending."""
 
-    id: StudyId = attrs.field(validator=_require_uuid)
+    id: StudyId = attrs.field(converter=StudyId, validator=_require_uuid)
     name: str = attrs.field(validator=require_text)
     period_type: PeriodType = attrs.field(validator=require_instance(PeriodType))
     period_value: int | None = attrs.field(default=None, validator=_require_u32)
@@ -74,7 +74,7 @@ class StudyCreated:
 class _Lifecycle:
     """A study changed its status; ``id`` is the study's."""
 
-    id: StudyId = attrs.field(validator=_require_uuid)
+    id: StudyId = attrs.field(converter=StudyId, validator=_require_uuid)
 
     @property
     def study_id(self) -> StudyId:
@@ -110,8 +110,8 @@ _checkpoint = unchecked_constructor(Checkpoint)
 class CheckpointRecorded:
     """Metrics of a study were recorded at ``timestamp``."""
 
-    id: CheckpointId = attrs.field(validator=_require_uuid)
-    study_id: StudyId = attrs.field(validator=_require_uuid)
+    id: CheckpointId = attrs.field(converter=CheckpointId, validator=_require_uuid)
+    study_id: StudyId = attrs.field(converter=StudyId, validator=_require_uuid)
     timestamp: datetime = attrs.field(converter=to_utc, validator=require_aware)
     metrics: LongitudinalMetrics = attrs.field(
         factory=LongitudinalMetrics, validator=require_instance(LongitudinalMetrics)
