@@ -59,6 +59,7 @@ __all__ = [
     "configure_converter",
     "converter",
     "dumps",
+    "encoder",
     "loads",
     "make_converter",
     "structure",
@@ -636,8 +637,19 @@ def dumps(obj: Any, cls: Any = None) -> str:
     ``1.5e+300``). Older serde_json (ryu) wrote ``1e16`` and ``1.5e300``;
     everything else is the same. ``loads`` reads both.
     """
+    return _encode(converter.get_unstructure_hook(obj.__class__ if cls is None else cls), obj)
+
+
+def encoder(cls: Any) -> Callable[[Any], str]:
+    """Return ``dumps`` for values of ``cls``, with the hook of ``cls`` looked up once."""
+    return partial(_encode, converter.get_unstructure_hook(cls))
+
+
+def _encode(hook: Callable[[Any], Any], obj: Any) -> str:
     try:
-        return orjson.dumps(unstructure(obj, cls)).decode()
+        return orjson.dumps(hook(obj)).decode()
+    except (FieldError, BaseValidationError) as exc:
+        raise _invalid(exc) from None
     except orjson.JSONEncodeError as exc:
         raise InvalidEventError(f"cannot write {describe(obj)} as JSON: {exc}") from None
 

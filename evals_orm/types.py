@@ -202,11 +202,10 @@ class WireJSON(TypeDecorator[T], Generic[T]):
         # PostgreSQL parses the text at the bind's ``::JSONB`` cast.
         # Encoded as the column's type, whose hook is found once; by the
         # value's class, a ``tuple[str, ...]`` would go item by item as any tuple.
-        dumps = converters.dumps
-        value_type = self.value_type
+        encode = converters.encoder(self.value_type)
 
         def process(value: T | None) -> str | None:
-            return None if value is None else dumps(value, value_type)
+            return None if value is None else encode(value)
 
         return process
 
