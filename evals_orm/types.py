@@ -38,10 +38,8 @@ def _is_postgresql(dialect: Dialect) -> bool:
 
 def format_utc_text(value: datetime) -> str:
     """Format an aware UTC datetime as fixed-width ``YYYY-MM-DDTHH:MM:SS.ffffffZ``."""
-    return (
-        f"{value.year:04d}-{value.month:02d}-{value.day:02d}T"
-        f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}Z"
-    )
+    # isoformat pads the year to four digits; [:26] cuts its "+00:00".
+    return value.isoformat(timespec="microseconds")[:26] + "Z"
 
 
 def parse_utc_text(text: str) -> datetime:
