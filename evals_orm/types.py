@@ -30,6 +30,7 @@ E = TypeVar("E", bound=enum.Enum)
 
 _U64_MAX = 2**64 - 1
 _I32 = range(-(2**31), 2**31)
+_HYPHENATED_LENGTH = 36
 
 
 def _is_postgresql(dialect: Dialect) -> bool:
@@ -106,8 +107,15 @@ class GUID(TypeDecorator[UUID]):
     def result_processor(self, dialect: Dialect, coltype: object) -> Any:
         if _is_postgresql(dialect):
             return None  # the driver returns UUID objects
-        # Only process_bind_param wrote this text, so it is not checked again.
-        return lambda value: None if value is None else unchecked_uuid(value)
+        return _uuid_of_text
+
+
+def _uuid_of_text(value: str | None) -> UUID | None:
+    if value is None:
+        return None
+    # process_bind_param's hyphenated form is not checked again; the other
+    # forms UUID() reads (from rows written elsewhere) go through it.
+    return unchecked_uuid(value) if len(value) == _HYPHENATED_LENGTH else UUID(value)
 
 
 class EnumText(TypeDecorator[E], Generic[E]):
