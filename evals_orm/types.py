@@ -17,10 +17,13 @@ from uuid import UUID
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import GenericFunction
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from evals_orm import converters
-from evals_orm.domain import ensure_utc
+from evals_orm.domain import ensure_utc, unchecked_uuid
 
 __all__ = ["GUID", "MYSQL_DIALECTS", "EnumText", "UInt32", "UInt64", "UTCDateTime", "WireJSON"]
 
@@ -29,6 +32,7 @@ E = TypeVar("E", bound=enum.Enum)
 
 _U64_MAX = 2**64 - 1
 _I32 = range(-(2**31), 2**31)
+_HYPHENATED_LENGTH = 36
 
 
 # SQLAlchemy names the dialect of a ``mariadb://`` URL "mariadb", and a
@@ -46,10 +50,8 @@ def _is_mysql(dialect: Dialect) -> bool:
 
 def format_utc_text(value: datetime) -> str:
     """Format an aware UTC datetime as fixed-width ``YYYY-MM-DDTHH:MM:SS.ffffffZ``."""
-    return (
-        f"{value.year:04d}-{value.month:02d}-{value.day:02d}T"
-        f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}Z"
-    )
+    # isoformat pads the year to four digits; [:26] cuts its "+00:00".
+    return value.isoformat(timespec="microseconds")[:26] + "Z"
 
 
 def parse_utc_text(text: str) -> datetime:
@@ -137,6 +139,20 @@ class GUID(TypeDecorator[UUID]):
             return UUID(bytes=bytes(value))
         return UUID(value)
 
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        if dialect.name == "sqlite":
+            return _uuid_of_text
+        # PostgreSQL's drivers and MySQL's BINARY(16) go the general way.
+        return super().result_processor(dialect, coltype)
+
+
+def _uuid_of_text(value: str | None) -> UUID | None:
+    if value is None:
+        return None
+    # process_bind_param's hyphenated form is not checked again; the other
+    # forms UUID() reads (from rows written elsewhere) go through it.
+    return unchecked_uuid(value) if len(value) == _HYPHENATED_LENGTH else UUID(value)
+
 
 class EnumText(TypeDecorator[E], Generic[E]):
     """A ``str`` enum stored as its value in a TEXT column (no CHECK, as the seed)."""
@@ -218,6 +234,28 @@ class UInt32(_UnsignedInteger):
     bits = 32
 
 
+class _JSONText(GenericFunction[Any]):
+    """A wire-JSON column as selected: its TEXT, or the text of its ``jsonb``.
+
+    PostgreSQL sends jsonb as text anyway; cast to ``text`` it reaches the
+    driver as a string, which orjson parses faster than psycopg's own
+    ``json.loads`` of jsonb.
+    """
+
+    _register = False
+    inherit_cache = True
+
+
+@compiles(_JSONText)
+def _compile_json_text(element: _JSONText, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.clauses, **kw)
+
+
+@compiles(_JSONText, "postgresql")
+def _compile_jsonb_text(element: _JSONText, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"CAST({compiler.process(element.clauses, **kw)} AS TEXT)"
+
+
 class WireJSON(TypeDecorator[T], Generic[T]):
     """A value stored as its wire-format JSON: TEXT identical to ``dumps()``, or ``jsonb``.
 
@@ -243,22 +281,28 @@ class WireJSON(TypeDecorator[T], Generic[T]):
         # The value is written as wire JSON text on every backend; jsonb's own
         # processor (which would encode it again) is skipped on purpose and
         # PostgreSQL parses the text at the bind's ``::JSONB`` cast.
-        dumps = converters.dumps
+        # Encoded as the column's type, whose hook is found once; by the
+        # value's class, a ``tuple[str, ...]`` would go item by item as any tuple.
+        encode = converters.encoder(self.value_type)
 
         def process(value: T | None) -> str | None:
-            return None if value is None else dumps(value)
+            return None if value is None else encode(value)
 
         return process
 
     def process_bind_param(self, value: T | None, dialect: Dialect) -> Any:
-        return None if value is None else converters.dumps(value)
+        return None if value is None else converters.dumps(value, self.value_type)
 
-    def process_result_value(self, value: Any, dialect: Dialect) -> T | None:
-        if value is None:
-            return None
-        if isinstance(value, (str, bytes)):
-            loaded: T = converters.loads(value, self.value_type)
-            return loaded
-        # jsonb comes back parsed by the driver.
-        structured: T = converters.structure(value, self.value_type)
-        return structured
+    def column_expression(self, colexpr: sa.ColumnElement[Any]) -> sa.ColumnElement[T]:
+        return _JSONText(colexpr, type_=self)
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        # Only ``dumps`` wrote these values (text, or jsonb the driver parses),
+        # so they are read back without the wire format's checks; the impl
+        # types have no result processing of their own to chain.
+        decode = converters.written_decoder(self.value_type)
+
+        def process(value: Any) -> T | None:
+            return None if value is None else decode(value)
+
+        return process

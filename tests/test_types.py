@@ -137,6 +137,17 @@ def test_uuids_are_lowercase_text(migrated: sa.Engine) -> None:
         assert study_id == session.scalars(sa.select(StudyRow.id)).one()
 
 
+def test_uuids_written_elsewhere_read_in_every_form_uuid_reads(migrated: sa.Engine) -> None:
+    """A row written by other software (braced, simple or uppercase UUID text) reads back."""
+    study_id = UUID("abcdef01-2345-7789-abcd-ef0123456789")
+    seed(migrated, [study_row(id=study_id)])
+    with Session(migrated) as session:
+        for text in (f"{{{study_id}}}", study_id.hex, str(study_id).upper()):
+            if _is_sqlite(migrated):
+                session.execute(sa.text("UPDATE studies SET id = :id"), {"id": text})
+            assert study_id == session.scalars(sa.select(StudyRow.id)).one()
+
+
 def test_json_columns_hold_the_wire_format(migrated: sa.Engine) -> None:
     """config, metrics and sessions_included are dumps() text (SQLite, libSQL, MariaDB) or jsonb."""
     config = StudyConfig('Ünïcode ✓ "quoted"', ("b", "a"), {"zeta": "1", "alpha": "2"})
