@@ -270,8 +270,7 @@ def install(engine: sa.Engine) -> None:
     ) -> None:
         head = statement.lstrip()[:9].upper()
         if head.startswith(_READS):
-            dbapi = connection.connection.dbapi_connection
-            if head.startswith("SAVEPOINT") and not getattr(dbapi, "in_transaction", True):
+            if head.startswith("SAVEPOINT") and not _in_transaction(connection):
                 # The sqlite3 and libSQL drivers begin a transaction only
                 # before a write, so a SAVEPOINT first would start one of its
                 # own, which its RELEASE would commit - under the caller's
@@ -279,6 +278,19 @@ def install(engine: sa.Engine) -> None:
                 cursor.execute("BEGIN")
             return
         slot.acquire(_dbapi(connection.connection), owner())
+
+
+def _in_transaction(connection: sa.Connection) -> bool:
+    """Tell whether the driver has begun a transaction on ``connection``.
+
+    aiosqlite's own connection answers for SQLAlchemy's adapter of it.
+    """
+    proxy = connection.connection
+    for dbapi in (proxy.dbapi_connection, proxy.driver_connection):
+        known = getattr(dbapi, "in_transaction", None)
+        if known is not None:
+            return bool(known)
+    return True
 
 
 def _release_after(dialect: sa.Dialect, name: str, database: _Database) -> None:
