@@ -1,8 +1,9 @@
-"""The async services on every backend: binds, concurrency in one loop, cancellation, host sessions."""
+"""The async services on every backend: binds, one loop of many tasks, cancellation, hosts."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TypeVar
 
@@ -199,7 +200,7 @@ def test_many_tasks_append_catch_up_and_read_in_one_loop(
 def test_cancellation_mid_apply_many_rolls_back_its_batch_then_converges(
     database: Database, migrated: sa.Engine
 ) -> None:
-    """A task cancelled inside apply_many's second batch keeps the first; the next call converges."""
+    """A task cancelled in apply_many's second batch keeps the first; the next call converges."""
     stream = list(long_stream(600, studies=4))
 
     async def work(engine: AsyncEngine) -> tuple[Snapshot, int, Snapshot]:
@@ -222,7 +223,7 @@ def test_cancellation_mid_apply_many_rolls_back_its_batch_then_converges(
 def test_cancellation_mid_rebuild_keeps_the_old_projection_then_converges(
     database: Database, migrated: sa.Engine
 ) -> None:
-    """A rebuild cancelled halfway (asyncio timeout) leaves the old projection; the next converges."""
+    """A rebuild cut off halfway by a timeout leaves the old projection; the next converges."""
     old = list(long_stream(300, studies=3, seed=1))
     new = list(long_stream(900, studies=5, seed=2))
 
@@ -251,10 +252,8 @@ def test_timeouts_landing_anywhere_in_apply_many_leave_the_engine_usable(
     async def work(engine: AsyncEngine) -> tuple[int, Snapshot]:
         projection = AsyncSqlEvalProjection(engine, batch_size=250)
         for timeout in (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2):
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(projection.apply_many(stream), timeout)
-            except asyncio.TimeoutError:
-                pass
         await projection.apply_many(stream)
         log = AsyncSqlEventLog(engine)
         appended = await asyncio.wait_for(log.append(stream[:10]), 30)
