@@ -8,6 +8,7 @@ translation, the async driver - reads that record, here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sqlite3
 import time
@@ -330,7 +331,29 @@ def _build(factory: Callable[..., _E], target: _Target, engine_kwargs: dict[str,
     if target.family in ("libsql", "libsql-remote"):
         _typed_connect_errors(sync_engine, target)
     _translate_errors(sync_engine, target)
+    if asynchronous and target.family == "sqlite":
+        _rollback_before_terminate(sync_engine.dialect)
     return engine
+
+
+def _rollback_before_terminate(dialect: sa.Dialect) -> None:
+    """Make aiosqlite roll back a connection before it is terminated.
+
+    A task cancelled mid-statement gets its connection terminated, and
+    sqlite3 closes a connection whose statement is still unfinalized as a
+    zombie that keeps its write lock until the statement is garbage
+    collected: every other writer stalled for the whole busy timeout.
+    """
+    terminate = dialect.do_terminate
+
+    def do_terminate(dbapi_connection: Any) -> None:
+        # Outside a greenlet (garbage collection) the rollback cannot be
+        # awaited; the connection is dropped as it would be anyway.
+        with contextlib.suppress(Exception):
+            dbapi_connection.rollback()
+        terminate(dbapi_connection)
+
+    dialect.do_terminate = do_terminate  # type: ignore[method-assign]
 
 
 def _typed_pragma_errors(
