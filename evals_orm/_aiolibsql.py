@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib
 import os
 import time
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, TypeVar
 
-# The driver's Rust logger writes to stdout (replica handshakes, a primary
-# that is down) and reads RUST_LOG once, when the driver loads: silence it
-# unless the host asked for its lines, so stdout (the CLI's --json) stays clean.
-os.environ.setdefault("RUST_LOG", "off")
-
-import libsql_experimental  # after RUST_LOG is set
 from sqlalchemy import pool
 from sqlalchemy.connectors.asyncio import (
     AsyncAdapt_dbapi_connection,
@@ -34,7 +29,30 @@ from sqlalchemy.connectors.asyncio import (
 from sqlalchemy.dialects.sqlite.base import SQLiteExecutionContext
 from sqlalchemy.engine import URL
 from sqlalchemy.util import await_
-from sqlalchemy_libsql.libsql import SQLiteDialect_libsql
+
+
+def _import_driver_quietly() -> ModuleType:
+    """Import libsql_experimental with its Rust logger off, unless the host set RUST_LOG.
+
+    The logger writes to stdout (replica handshakes, a primary that is down),
+    which must stay clean for the CLI's --json, and reads RUST_LOG once, at
+    import. The variable is removed again so that child processes (a sqld
+    server, say) log as usual.
+    """
+    quiet = "RUST_LOG" not in os.environ
+    if quiet:
+        os.environ["RUST_LOG"] = "off"
+    try:
+        return importlib.import_module("libsql_experimental")
+    finally:
+        if quiet:
+            del os.environ["RUST_LOG"]
+
+
+libsql_experimental = _import_driver_quietly()
+
+# It imports the driver: only after the quiet import above.
+from sqlalchemy_libsql.libsql import SQLiteDialect_libsql  # noqa: E402
 
 __all__ = ["BUSY_TIMEOUT_MS", "AsyncLibsqlConnection", "AsyncLibsqlDialect"]
 

@@ -101,6 +101,7 @@ def create_engine(
     url: str | URL,
     *,
     auth_token: str | None = None,
+    schema: str | None = None,
     sync_url: str | None = None,
     sync_interval: float | None = None,
     encryption_key: str | None = None,
@@ -115,6 +116,9 @@ def create_engine(
     ``auth_token`` (or an ``authToken`` query parameter) is sent as a bearer
     token and never kept in the URL.
 
+    ``schema`` (PostgreSQL only) puts every evals_orm object, the migrations'
+    version table included, in that schema.
+
     A libSQL file with ``sync_url`` is an embedded replica of that primary
     (``sync(engine)`` pulls; ``sync_interval`` seconds also pull in the
     background); ``encryption_key`` encrypts a libSQL file at rest. Neither
@@ -127,6 +131,12 @@ def create_engine(
             f"{target.url.drivername!r} is an asyncio driver; "
             "use evals_orm.create_async_engine for it, or a sync driver with create_engine"
         )
+    if schema is not None:
+        if target.family != "postgresql":
+            raise ConfigurationError(
+                "a schema is only supported on PostgreSQL, not on SQLite or libSQL"
+            )
+        engine_kwargs = _in_schema(schema, engine_kwargs)
     engine = _build(sa.create_engine, target, engine_kwargs)
     if target.sync_url is not None:
         _REPLICAS[engine] = target.secrets
@@ -180,6 +190,15 @@ def create_async_engine(
         # aiolibsql blocks the event loop on every call.
         target = attrs.evolve(target, url=target.url.set(drivername=_ASYNC_DRIVERS[target.family]))
     return _build(_sa_create_async_engine, target, engine_kwargs)
+
+
+def _in_schema(schema: str, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Add the execution option that sends every unqualified table to ``schema``."""
+    if not schema:
+        raise ConfigurationError("the schema name must not be empty")
+    options = {**engine_kwargs.get("execution_options", {})}
+    options["schema_translate_map"] = {None: schema}
+    return {**engine_kwargs, "execution_options": options}
 
 
 def _resolve(url: str | URL, auth_token: str | None) -> _Target:
