@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
@@ -348,3 +350,22 @@ def test_rebuild_is_atomic_for_a_concurrent_async_reader(
     during, rebuilt, after = run(database, work)
     assert reference(old) == during
     assert (len(new), reference(new)) == (rebuilt, after)
+
+
+# --- the README -----------------------------------------------------------------------------
+
+
+def test_the_readme_async_example_runs(database: Database) -> None:
+    """The README's "From asyncio" example runs as written on a fresh database."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    match = re.search(r"```python\n(.*?)```", text.split("## From asyncio", 1)[1], re.DOTALL)
+    assert match is not None
+    namespace: dict[str, Any] = {"__name__": "readme_async_example"}
+    exec(compile(match.group(1), "README.md", "exec"), namespace)
+    engine = create_async_engine(database.url, auth_token=database.auth_token)
+    asyncio.run(namespace["main"](engine))
+    sync_engine = database.engine()
+    try:
+        assert 1 == SqlEventLog(sync_engine).count()
+    finally:
+        sync_engine.dispose()
