@@ -322,8 +322,16 @@ def _build(factory: Callable[..., _E], target: _Target, engine_kwargs: dict[str,
     asynchronous = factory is _sa_create_async_engine
     if target.in_memory:
         # One connection, so every Session and thread sees the same database.
-        kwargs.setdefault("poolclass", StaticPool)
         connect_args.setdefault("check_same_thread", False)
+        if asynchronous:
+            # Tasks take turns with it, awaiting the pool: shared by two
+            # tasks at once, one task's reads would end (roll back) the
+            # other's write transaction on it.
+            kwargs.setdefault("poolclass", AsyncAdaptedQueuePool)
+            kwargs.setdefault("pool_size", 1)
+            kwargs.setdefault("max_overflow", 0)
+        else:
+            kwargs.setdefault("poolclass", StaticPool)
     elif target.family == "libsql-remote":
         # The dialect's default SingletonThreadPool would let two connections
         # of a thread share one remote stream and see each other's rows.

@@ -196,6 +196,43 @@ def test_many_tasks_append_catch_up_and_read_in_one_loop(
     assert reference(e for events in histories.values() for e in events) == projected == rebuilt
 
 
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite+libsql://"])
+def test_tasks_of_one_loop_share_an_in_memory_database(url: str) -> None:
+    """Appending tasks, a catch_up and a reader on one in-memory database lose no event."""
+    histories = [history(n) for n in range(1, 13)]
+    total = sum(map(len, histories))
+
+    async def main() -> tuple[int, Snapshot]:
+        engine = create_async_engine(url)
+        try:
+            async with engine.begin() as connection:
+                await connection.run_sync(migrations.upgrade)
+            log = AsyncSqlEventLog(engine)
+            projection = AsyncSqlEvalProjection(engine)
+            storage = AsyncSqlEvalStorage(engine)
+
+            async def appender(events: list[StoredEvalEvent]) -> None:
+                for start in range(0, len(events), 2):
+                    await log.append(events[start : start + 2], projection=projection)
+
+            async def reader() -> None:
+                for _ in range(10):
+                    await storage.list_studies()
+                    assert len([stored async for stored in log.read()]) <= total
+
+            work = asyncio.gather(
+                *(appender(events) for events in histories), reader(), projection.catch_up(log)
+            )
+            await asyncio.wait_for(work, BOUND_S)
+            return await log.count(), await async_snapshot(storage)
+        finally:
+            await engine.dispose()
+
+    count, projected = asyncio.run(main())
+    assert total == count
+    assert reference(e for events in histories for e in events) == projected
+
+
 # --- cancellation -----------------------------------------------------------------------------
 
 
