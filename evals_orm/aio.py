@@ -59,7 +59,7 @@ _R = TypeVar("_R")
 Events = Union[Iterable[StoredEvalEvent], AsyncIterable[StoredEvalEvent]]  # noqa: UP007 (3.10 aliases)
 
 
-def sync_bind(bind: object) -> _tx.Bind:
+def _sync_face(bind: object) -> _tx.Bind:
     """Return the sync face of an async bind; raise ``TypeError`` for anything else."""
     if isinstance(bind, AsyncEngine):
         return bind.sync_engine
@@ -168,7 +168,7 @@ class AsyncSqlEventLog(_AsyncService[SqlEventLog]):
 
     def __init__(self, bind: AsyncBind) -> None:
         super().__init__(bind)
-        self.sync = SqlEventLog(sync_bind(bind))
+        self.sync = SqlEventLog(_sync_face(bind))
 
     async def append(
         self,
@@ -247,7 +247,7 @@ class AsyncSqlEvalProjection(_AsyncService[SqlEvalProjection]):
 
     def __init__(self, bind: AsyncBind, *, batch_size: int | None = None) -> None:
         super().__init__(bind)
-        self.sync = SqlEvalProjection(sync_bind(bind), batch_size=batch_size)
+        self.sync = SqlEvalProjection(_sync_face(bind), batch_size=batch_size)
 
     @property
     def batch_size(self) -> int:
@@ -297,7 +297,7 @@ class AsyncSqlEvalStorage(_AsyncService[SqlEvalStorage]):
 
     def __init__(self, bind: AsyncBind) -> None:
         super().__init__(bind)
-        self.sync = SqlEvalStorage(sync_bind(bind))
+        self.sync = SqlEvalStorage(_sync_face(bind))
 
     get_study = _Coroutine(SqlEvalStorage.get_study)
     list_studies = _Coroutine(SqlEvalStorage.list_studies)

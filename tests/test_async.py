@@ -196,6 +196,26 @@ def test_many_tasks_append_catch_up_and_read_in_one_loop(
     assert reference(e for events in histories.values() for e in events) == projected == rebuilt
 
 
+def test_a_waiting_writer_does_not_block_the_loop(database: Database, migrated: sa.Engine) -> None:
+    """While a host session's write transaction is open, an append awaits it; the loop runs on."""
+    events = history(1)
+
+    async def work(engine: AsyncEngine) -> tuple[int, int, int]:
+        log = AsyncSqlEventLog(engine)
+        ticks = 0
+        async with AsyncSession(engine) as session:
+            await AsyncSqlEventLog(session).append(events[0])
+            append = asyncio.create_task(log.append(events[1:]))
+            for _ in range(20):
+                await asyncio.sleep(0.01)
+                ticks += 1
+            assert not append.done()
+            await session.commit()
+        return ticks, await append, await log.count()
+
+    assert (20, len(events) - 1, len(events)) == run(database, work)
+
+
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite+libsql://"])
 def test_tasks_of_one_loop_share_an_in_memory_database(url: str) -> None:
     """Appending tasks, a catch_up and a reader on one in-memory database lose no event."""
