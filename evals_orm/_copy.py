@@ -55,6 +55,14 @@ def copy_rows(connection: sa.Connection, table: sa.Table, rows: Sequence[Mapping
             raise TypeError(f"COPY needs a psycopg 3 connection, not {driver_connection!r}")
     except psycopg.Error as error:
         raise sa.exc.DBAPIError.instance(statement, None, error, psycopg.Error) from error
+    except BaseException as error:
+        if not isinstance(error, Exception):
+            # A COPY cut off by a cancellation leaves the connection in the
+            # middle of a command: nothing, not even the rollback, could run
+            # on it again. It is dropped (the server rolls back), as
+            # SQLAlchemy drops a connection whose statement was cut off.
+            connection.invalidate(error)
+        raise
     return len(rows)
 
 
