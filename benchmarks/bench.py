@@ -19,6 +19,7 @@ nothing and exits 0 whatever the numbers are.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import cProfile
 import io
@@ -49,7 +50,15 @@ import sqlalchemy as sa
 from _baselines import ExecuteMany, naive_orm, raw_load, table_digest
 from _stream import CLOCK_START, TICK, Shape, events
 
-from evals_orm import SqlEvalProjection, SqlEvalStorage, StoredEvalEvent, StudyId, create_engine
+from evals_orm import (
+    AsyncSqlEvalProjection,
+    SqlEvalProjection,
+    SqlEvalStorage,
+    StoredEvalEvent,
+    StudyId,
+    create_async_engine,
+    create_engine,
+)
 from evals_orm._backend_names import BACKENDS
 from evals_orm._sqld import running_sqld
 from evals_orm.models import StudyRow
@@ -66,6 +75,8 @@ MIN_NAIVE_OVER_OURS = 3.0
 MAX_TIME_GROWTH = 1.1  # x the growth of the stream (10x events: at most 11x time)
 MAX_MEMORY_GROWTH = 1.25  # peak RSS of the long rebuild over the short one
 MAX_QUERY_GROWTH = 1.5
+# Issue 12: the async projection's throughput over the sync one's, same backend.
+MIN_ASYNC_OVER_SYNC = 0.67
 QUERY_CALLS = 50
 CHECKPOINTS_PER_QUERY_STUDY = 240  # hourly, so a week (168) fits inside every study
 REBUILD_STUDIES = 200
@@ -362,6 +373,60 @@ def bench_apply(server: Server, shape: Shape, *, repeat: int, profile: bool) -> 
         f"{ours_over_raw:.2f} {verdict(ours_over_raw <= MAX_OURS_OVER_RAW)}",
         f"{naive_over_ours:.2f} {verdict(naive_over_ours >= MIN_NAIVE_OVER_OURS)}",
         f"{'identical' if same else 'DIFFERENT'} ({digests['ours'][0]}/{digests['ours'][1]})",
+    ]
+
+
+# --- 1b. apply_many: sync and async side by side ---------------------------------
+
+
+def bench_async_apply(server: Server, shape: Shape, *, repeat: int) -> list[object]:
+    """Time SqlEvalProjection and AsyncSqlEvalProjection on the same events; return the row."""
+    stream = list(events(shape))
+
+    def sync(target: Target, engine: sa.Engine) -> float:
+        return timed(lambda: SqlEvalProjection(engine).apply_many(stream))
+
+    def asynchronous(target: Target, engine: sa.Engine) -> float:
+        async def run() -> float:
+            async_engine = create_async_engine(target.url, auth_token=target.auth_token)
+            projection = AsyncSqlEvalProjection(async_engine)
+            try:
+                # The pool's first connection (and its pragmas) is not timed,
+                # as the sync side's engine has connected in the migrations.
+                async with async_engine.connect() as connection:
+                    await connection.exec_driver_sql("SELECT 1")
+                start = time.perf_counter()
+                await projection.apply_many(stream)
+                return time.perf_counter() - start
+            finally:
+                await async_engine.dispose()
+
+        return asyncio.run(run())
+
+    best: dict[str, float] = {}
+    digests: dict[str, tuple[int, int, str]] = {}
+    for _ in range(repeat):
+        for name, run in (("sync", sync), ("async", asynchronous)):
+            with server.fresh() as target:
+                engine = target.migrated_engine()
+                try:
+                    best[name] = min(best.get(name, float("inf")), run(target, engine))
+                    digests[name] = table_digest(engine)
+                finally:
+                    engine.dispose()
+    count = len(stream)
+    ratio = best["sync"] / best["async"]
+    note(f"{server.backend}: sync {best['sync']:.2f} s, async {best['async']:.2f} s")
+    same = digests["sync"] == digests["async"]
+    return [
+        server.backend,
+        count,
+        best["sync"],
+        count / best["sync"],
+        best["async"],
+        count / best["async"],
+        f"{ratio:.2f} {verdict(ratio >= MIN_ASYNC_OVER_SYNC)}",
+        "identical" if same else "DIFFERENT",
     ]
 
 
@@ -706,8 +771,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument(
         "--parts",
-        default="apply,rebuild,queries",
-        help="comma-separated, from apply, rebuild, queries (default: all)",
+        default="apply,async,rebuild,queries",
+        help="comma-separated, from apply, async, rebuild, queries (default: all)",
     )
     parser.add_argument(
         "--repeat", type=int, default=1, help="run apply_many and rebuild N times, keep the best"
@@ -724,6 +789,7 @@ class Results:
     """The rows of every table, filled backend by backend."""
 
     apply: list[list[object]] = attrs.field(factory=list)
+    async_apply: list[list[object]] = attrs.field(factory=list)
     rebuild: list[list[object]] = attrs.field(factory=list)
     queries: list[list[object]] = attrs.field(factory=list)
     list_studies: list[list[object]] = attrs.field(factory=list)
@@ -759,6 +825,14 @@ def run_backend(backend: str, args: argparse.Namespace, workdir: Path, results: 
                 "apply_many",
                 lambda: results.apply.append(
                     bench_apply(server, sizes.apply, repeat=args.repeat, profile=args.profile)
+                ),
+            )
+        if "async" in parts:
+            note(f"{backend}: apply_many of {sizes.apply.events:,} events: sync, async")
+            attempt(
+                "async apply_many",
+                lambda: results.async_apply.append(
+                    bench_async_apply(server, sizes.apply, repeat=args.repeat)
                 ),
             )
         if "rebuild" in parts:
@@ -803,6 +877,23 @@ def print_results(results: Results, repeat: int) -> None:
             "  raw = final rows by a dict state machine + json.dumps + the driver's executemany,\n"
             "  one transaction; naive = one ORM object per event, session.get, flush per event."
         )
+    if results.async_apply:
+        print_table(
+            "apply_many: SqlEvalProjection and AsyncSqlEvalProjection side by side (seconds, "
+            f"events/s; best of {repeat}; same events, fresh database each)",
+            [
+                "backend",
+                "events",
+                "sync s",
+                "sync ev/s",
+                "async s",
+                "async ev/s",
+                f"async/sync throughput (>={MIN_ASYNC_OVER_SYNC})",
+                "rows",
+            ],
+            results.async_apply,
+        )
+        print("  async = create_async_engine on the same URL, awaited in asyncio.run.")
     if results.rebuild:
         print_table(
             f"rebuild scaling (best of {repeat}, each run in a fresh subprocess; "

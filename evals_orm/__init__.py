@@ -4,6 +4,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from evals_orm._ingest import IngestReport, ingest
+from evals_orm.aio import AsyncSqlEvalProjection, AsyncSqlEvalStorage, AsyncSqlEventLog
 from evals_orm.converters import converter, dumps, loads
 from evals_orm.domain import (
     Checkpoint,
@@ -53,6 +54,9 @@ if TYPE_CHECKING:
     from evals_orm import migrations
 
 __all__ = [
+    "AsyncSqlEvalProjection",
+    "AsyncSqlEvalStorage",
+    "AsyncSqlEventLog",
     "Checkpoint",
     "CheckpointId",
     "CheckpointRecorded",

@@ -249,6 +249,11 @@ class AsyncLibsqlConnection(AsyncAdapt_terminate, AsyncAdapt_dbapi_connection):
         except Exception as error:
             self._handle_exception(error)
 
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open (asked on the connection's thread)."""
+        return self.run_on_thread(lambda raw: bool(raw.in_transaction))
+
     async def _terminate_graceful_close(self) -> None:
         # libSQL cannot interrupt a running statement: the thread closes the
         # connection once it returns, and the loop does not wait for that.

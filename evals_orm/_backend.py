@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
 from evals_orm.errors import DatabaseError
 
@@ -94,7 +95,8 @@ def _compute(engine: sa.Engine) -> Backend:
             any_array=False,
         )
     if dialect.name == "postgresql":
-        copy = not dialect.is_async and getattr(dialect.loaded_dbapi, "__name__", "") == "psycopg"
+        # psycopg 3's dialects, sync and async (whose ``driver`` is "psycopg" too).
+        copy = isinstance(dialect, PGDialect_psycopg)
         return Backend(
             name="postgresql",
             family="postgresql",

@@ -11,6 +11,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import InstrumentedAttribute
 
 from evals_orm._backend import BulkInsert, backend_of
+from evals_orm._copy import copy_rows
 
 __all__ = ["insert_rows", "one_of", "upsert", "upsert_one"]
 
@@ -137,8 +138,9 @@ def insert_rows(
     assert backend.skips_conflicts or not skip_conflicts
     table: sa.Table = entity.__table__
     if backend.bulk_insert is BulkInsert.COPY:
-        _copy_rows(connection, table, rows)
-        return len(rows)
+        # Measured: apply_many of a 20,000-event stream takes about a third
+        # of the time it takes with SQLAlchemy's executemany of the same rows.
+        return copy_rows(connection, table, rows)
     statement = backend.insert(table)
     if skip_conflicts:
         statement = statement.on_conflict_do_nothing()
@@ -173,35 +175,3 @@ def _processors(
     return [
         (name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in names
     ]
-
-
-def _copy_rows(connection: sa.Connection, table: sa.Table, rows: Rows) -> None:
-    """Insert ``rows`` by ``COPY FROM STDIN`` on a sync psycopg 3 connection.
-
-    Measured: apply_many of a 20,000-event stream takes about a third of the
-    time it takes with SQLAlchemy's executemany of the same rows.
-    """
-    dialect = connection.dialect
-    names = list(rows[0])
-    columns = _processors(dialect, table, names)
-    quote = dialect.identifier_preparer.quote
-    # COPY is raw SQL, which the engine's schema_translate_map does not reach.
-    translate = connection.get_execution_options().get("schema_translate_map") or {}
-    schema = translate.get(table.schema, table.schema)
-    target = quote(table.name) if schema is None else f"{quote(schema)}.{quote(table.name)}"
-    statement = f"COPY {target} ({', '.join(quote(name) for name in names)}) FROM STDIN"
-    driver_connection = connection.connection.driver_connection
-    assert driver_connection is not None
-    try:
-        with driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
-            for row in rows:
-                copy.write_row(
-                    [
-                        row[name] if process is None else process(row[name])
-                        for name, process in columns
-                    ]
-                )
-    except dialect.loaded_dbapi.Error as error:
-        raise sa.exc.DBAPIError.instance(
-            statement, None, error, dialect.loaded_dbapi.Error
-        ) from error

@@ -37,10 +37,11 @@ def copy_rows(connection: sa.Connection, table: sa.Table, rows: Sequence[Mapping
     dialect = connection.dialect
     names = list(rows[0])
     quote = dialect.identifier_preparer.quote
-    statement = (
-        f"COPY {dialect.identifier_preparer.format_table(table)} "
-        f"({', '.join(quote(name) for name in names)}) FROM STDIN"
-    )
+    # COPY is raw SQL, which the engine's schema_translate_map does not reach.
+    translate = connection.get_execution_options().get("schema_translate_map") or {}
+    schema = translate.get(table.schema, table.schema)
+    target = quote(table.name) if schema is None else f"{quote(schema)}.{quote(table.name)}"
+    statement = f"COPY {target} ({', '.join(quote(name) for name in names)}) FROM STDIN"
     values = _bound_values(dialect, table, names, rows)
     driver_connection = connection.connection.driver_connection
     try:
@@ -54,6 +55,14 @@ def copy_rows(connection: sa.Connection, table: sa.Table, rows: Sequence[Mapping
             raise TypeError(f"COPY needs a psycopg 3 connection, not {driver_connection!r}")
     except psycopg.Error as error:
         raise sa.exc.DBAPIError.instance(statement, None, error, psycopg.Error) from error
+    except BaseException as error:
+        if not isinstance(error, Exception):
+            # A COPY cut off by a cancellation leaves the connection in the
+            # middle of a command: nothing, not even the rollback, could run
+            # on it again. It is dropped (the server rolls back), as
+            # SQLAlchemy drops a connection whose statement was cut off.
+            connection.invalidate(error)
+        raise
     return len(rows)
 
 

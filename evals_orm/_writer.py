@@ -22,6 +22,7 @@ a lock row held by another transaction of the same owner.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.util import await_
+from sqlalchemy.util.concurrency import in_greenlet
 
 from evals_orm._backend import backend_of
 from evals_orm.errors import DatabaseError
@@ -82,17 +85,33 @@ class WriterSlot:
         return False
 
     def acquire(self, holder: object, who: object) -> None:
-        """Take the slot, waiting (without the GIL) up to ``WAIT_S`` for another owner."""
+        """Take the slot, waiting (without the GIL) up to ``WAIT_S`` for another owner.
+
+        Sync code an event loop runs in SQLAlchemy's greenlet (an async
+        engine's writes) waits by awaiting, so the loop's other tasks - the
+        slot's holder among them - keep running.
+        """
+        if in_greenlet():
+            await_(self._acquire_async(holder, who))
+            return
         deadline = time.monotonic() + WAIT_S
         with self._condition:
             while not self._try(holder, who):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise DatabaseError(
-                        f"another writer kept this database for {WAIT_S:.0f} s; "
-                        "retry once its transaction has ended"
-                    )
+                    raise DatabaseError(_TIMEOUT)
                 self._condition.wait(remaining)
+
+    async def _acquire_async(self, holder: object, who: object) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_S
+        while not self.try_acquire(holder, who):
+            released = loop.create_future()
+            self.notify_on_release(_waker(loop, released))
+            try:
+                await asyncio.wait_for(released, deadline - loop.time())
+            except asyncio.TimeoutError:
+                raise DatabaseError(_TIMEOUT) from None
 
     def release(self, holder: object) -> None:
         """Free the slot if ``holder`` has it, and wake the waiters."""
@@ -116,6 +135,28 @@ class WriterSlot:
         if wake_now:
             wake()
 
+
+def _waker(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> Callable[[], None]:
+    """Return a callback, safe from any thread, that resolves ``future`` on ``loop``."""
+
+    def wake() -> None:
+        # The slot may be released on another thread (a sync engine's
+        # writer): the loop is woken through its own queue.
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(_resolve, future)
+
+    return wake
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    # A waiter cancelled meanwhile has a done future; nothing to wake.
+    if not future.done():
+        future.set_result(None)
+
+
+_TIMEOUT = (
+    f"another writer kept this database for {WAIT_S:.0f} s; retry once its transaction has ended"
+)
 
 _SELF_WAIT = (
     "this thread (or task) already has an open write transaction on this "
@@ -210,7 +251,9 @@ def install(engine: sa.Engine) -> None:
     # transaction's slot and locks must be freed only once the driver has
     # ended it (a libSQL waiter would otherwise hold the GIL the committer
     # still needs).
-    for name in ("do_commit", "do_rollback", "do_close"):
+    # An async connection whose task was cancelled mid-statement is
+    # terminated, not closed.
+    for name in ("do_commit", "do_rollback", "do_close", "do_terminate"):
         _release_after(dialect, name, database)
     if not backend_of(engine).single_writer:
         return
@@ -227,8 +270,7 @@ def install(engine: sa.Engine) -> None:
     ) -> None:
         head = statement.lstrip()[:9].upper()
         if head.startswith(_READS):
-            dbapi = connection.connection.dbapi_connection
-            if head.startswith("SAVEPOINT") and not getattr(dbapi, "in_transaction", True):
+            if head.startswith("SAVEPOINT") and not _in_transaction(connection):
                 # The sqlite3 and libSQL drivers begin a transaction only
                 # before a write, so a SAVEPOINT first would start one of its
                 # own, which its RELEASE would commit - under the caller's
@@ -236,6 +278,19 @@ def install(engine: sa.Engine) -> None:
                 cursor.execute("BEGIN")
             return
         slot.acquire(_dbapi(connection.connection), owner())
+
+
+def _in_transaction(connection: sa.Connection) -> bool:
+    """Tell whether the driver has begun a transaction on ``connection``.
+
+    aiosqlite's own connection answers for SQLAlchemy's adapter of it.
+    """
+    proxy = connection.connection
+    for dbapi in (proxy.dbapi_connection, proxy.driver_connection):
+        known = getattr(dbapi, "in_transaction", None)
+        if known is not None:
+            return bool(known)
+    return True
 
 
 def _release_after(dialect: sa.Dialect, name: str, database: _Database) -> None:

@@ -8,6 +8,7 @@ translation, the async driver - reads that record, here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sqlite3
 import time
@@ -347,8 +348,16 @@ def _build(factory: Callable[..., _E], target: _Target, engine_kwargs: dict[str,
     asynchronous = factory is _sa_create_async_engine
     if target.in_memory:
         # One connection, so every Session and thread sees the same database.
-        kwargs.setdefault("poolclass", StaticPool)
         connect_args.setdefault("check_same_thread", False)
+        if asynchronous:
+            # Tasks take turns with it, awaiting the pool: shared by two
+            # tasks at once, one task's reads would end (roll back) the
+            # other's write transaction on it.
+            kwargs.setdefault("poolclass", AsyncAdaptedQueuePool)
+            kwargs.setdefault("pool_size", 1)
+            kwargs.setdefault("max_overflow", 0)
+        else:
+            kwargs.setdefault("poolclass", StaticPool)
     elif target.family == "libsql-remote":
         # The dialect's default SingletonThreadPool would let two connections
         # of a thread share one remote stream and see each other's rows.
@@ -380,6 +389,8 @@ def _build(factory: Callable[..., _E], target: _Target, engine_kwargs: dict[str,
         event.listen(sync_engine, "first_connect", _check_mysql_server)
         event.listen(sync_engine, "connect", _strict_mysql_session)
     _translate_errors(sync_engine, target)
+    if asynchronous and target.family == "sqlite":
+        _rollback_before_terminate(sync_engine.dialect)
     return engine
 
 
@@ -441,6 +452,26 @@ def _strict_mysql_session(dbapi_connection: DBAPIConnection, record: ConnectionP
         )
     finally:
         cursor.close()
+
+
+def _rollback_before_terminate(dialect: sa.Dialect) -> None:
+    """Make aiosqlite roll back a connection before it is terminated.
+
+    A task cancelled mid-statement gets its connection terminated, and
+    sqlite3 closes a connection whose statement is still unfinalized as a
+    zombie that keeps its write lock until the statement is garbage
+    collected: every other writer stalled for the whole busy timeout.
+    """
+    terminate = dialect.do_terminate
+
+    def do_terminate(dbapi_connection: Any) -> None:
+        # Outside a greenlet (garbage collection) the rollback cannot be
+        # awaited; the connection is dropped as it would be anyway.
+        with contextlib.suppress(Exception):
+            dbapi_connection.rollback()
+        terminate(dbapi_connection)
+
+    dialect.do_terminate = do_terminate  # type: ignore[method-assign]
 
 
 def _typed_pragma_errors(

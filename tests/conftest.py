@@ -20,8 +20,9 @@ from evals_orm.testing import Database
 
 __all__ = ["Database"]
 
-# tests/test_testing_plugin.py runs host projects through the plugin.
-pytest_plugins = ["pytester"]
+# tests/test_testing_plugin.py runs host projects through the plugin; aio_support
+# runs shared service tests through the async classes too.
+pytest_plugins = ["aio_support", "pytester"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

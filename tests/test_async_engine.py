@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import Database
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
-from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 from test_engine import _closed_port, _corrupt_libsql_file, equivalent_urls
 
 from evals_orm import ConfigurationError, create_async_engine
@@ -88,10 +88,10 @@ def test_every_url_form_reaches_the_same_database_with_the_async_driver(
     ("url", "expected_url", "expected_pool"),
     [
         ("sqlite:///some.db", "sqlite+aiosqlite:///some.db", AsyncAdaptedQueuePool),
-        ("sqlite://", "sqlite+aiosqlite://", StaticPool),
+        ("sqlite://", "sqlite+aiosqlite://", AsyncAdaptedQueuePool),
         ("sqlite+libsql:///some.db", "sqlite+evals_aiolibsql:///some.db", AsyncAdaptedQueuePool),
         ("sqlite+aiolibsql:///some.db", "sqlite+evals_aiolibsql:///some.db", AsyncAdaptedQueuePool),
-        ("sqlite+libsql://", "sqlite+evals_aiolibsql://", StaticPool),
+        ("sqlite+libsql://", "sqlite+evals_aiolibsql://", AsyncAdaptedQueuePool),
         ("libsql://db.example.org", "sqlite+evals_aiolibsql://db.example.org?secure=true", None),
         ("http://127.0.0.1:8080", "sqlite+evals_aiolibsql://127.0.0.1:8080", None),
         ("postgresql://u@h/db", "postgresql+psycopg_async://u@h/db", None),
@@ -104,7 +104,7 @@ def test_every_url_form_reaches_the_same_database_with_the_async_driver(
 def test_url_forms_map_to_async_driver_urls(
     url: str, expected_url: str, expected_pool: type[sa.pool.Pool] | None
 ) -> None:
-    """Each URL becomes its async driver's URL and pool (a queue pool unless in memory)."""
+    """Each URL becomes its async driver's URL and a queue pool (of one connection in memory)."""
     engine = create_async_engine(url)
     pool = expected_pool or AsyncAdaptedQueuePool
     actual = (engine.url.render_as_string(hide_password=False), type(engine.sync_engine.pool))

@@ -18,6 +18,7 @@ from uuid import UUID
 
 import pytest
 import sqlalchemy as sa
+from aio_support import LogFactory, ProjectionFactory
 from conftest import Database
 
 from evals_orm import (
@@ -164,9 +165,9 @@ def test_append_iterable_returns_number_of_new_events(migrated: sa.Engine) -> No
     assert len(events) == log.count()
 
 
-def test_identical_reappend_is_a_no_op(migrated: sa.Engine) -> None:
+def test_identical_reappend_is_a_no_op(migrated: sa.Engine, log_factory: LogFactory) -> None:
     """Re-appending logged events unchanged returns 0; a mixed batch counts only the new ones."""
-    log = SqlEventLog(migrated)
+    log = log_factory(migrated)
     events = _history(2, 3)
     log.append(events[:6])
     assert 0 == log.append(events[:6])
@@ -175,9 +176,11 @@ def test_identical_reappend_is_a_no_op(migrated: sa.Engine) -> None:
     assert events == list(log.read())
 
 
-def test_conflicting_payload_raises_and_writes_nothing_of_the_batch(migrated: sa.Engine) -> None:
+def test_conflicting_payload_raises_and_writes_nothing_of_the_batch(
+    migrated: sa.Engine, log_factory: LogFactory
+) -> None:
     """A logged event_id with another payload raises EventConflictError; the batch is dropped."""
-    log = SqlEventLog(migrated)
+    log = log_factory(migrated)
     first = _created(0, 0)
     log.append(first)
     other_study = _created(1, 5)
@@ -189,9 +192,11 @@ def test_conflicting_payload_raises_and_writes_nothing_of_the_batch(migrated: sa
     assert [first] == list(log.read())
 
 
-def test_event_not_newer_than_its_study_raises_order_error(migrated: sa.Engine) -> None:
+def test_event_not_newer_than_its_study_raises_order_error(
+    migrated: sa.Engine, log_factory: LogFactory
+) -> None:
     """An event_id not above the study's last logged one raises EventOrderError, batch dropped."""
-    log = SqlEventLog(migrated)
+    log = log_factory(migrated)
     log.append([_created(0, 10), _started(0, 20)])
     with pytest.raises(EventOrderError):
         log.append([_created(1, 30), _paused(0, 15)])
@@ -199,9 +204,11 @@ def test_event_not_newer_than_its_study_raises_order_error(migrated: sa.Engine) 
     assert [] == list(log.read(after=_event_id(20)))
 
 
-def test_order_error_within_one_batch_writes_nothing(migrated: sa.Engine) -> None:
+def test_order_error_within_one_batch_writes_nothing(
+    migrated: sa.Engine, log_factory: LogFactory
+) -> None:
     """Two events of one study out of order in one batch raise EventOrderError, none logged."""
-    log = SqlEventLog(migrated)
+    log = log_factory(migrated)
     with pytest.raises(EventOrderError):
         log.append([_created(0, 10), _started(0, 30), _paused(0, 20)])
     assert 0 == log.count()
@@ -277,10 +284,12 @@ def test_count_of_an_empty_log_is_zero(migrated: sa.Engine) -> None:
 # catch_up
 
 
-def test_catch_up_applies_exactly_what_is_missing(migrated: sa.Engine) -> None:
+def test_catch_up_applies_exactly_what_is_missing(
+    migrated: sa.Engine, log_factory: LogFactory, projection_factory: ProjectionFactory
+) -> None:
     """catch_up applies the events logged since the last one; a second call applies none."""
-    log = SqlEventLog(migrated)
-    projection = SqlEvalProjection(migrated, batch_size=4)
+    log = log_factory(migrated)
+    projection = projection_factory(migrated, batch_size=4)
     events = _history(3, 3)
     log.append(events[:10])
     assert 10 == projection.catch_up(log)
@@ -291,10 +300,12 @@ def test_catch_up_applies_exactly_what_is_missing(migrated: sa.Engine) -> None:
     assert _rebuilt_snapshot(migrated, log) == _snapshot(migrated)
 
 
-def test_catch_up_after_clear_reapplies_everything(migrated: sa.Engine) -> None:
+def test_catch_up_after_clear_reapplies_everything(
+    migrated: sa.Engine, log_factory: LogFactory, projection_factory: ProjectionFactory
+) -> None:
     """After clear(), the next catch_up re-applies the whole log."""
-    log = SqlEventLog(migrated)
-    projection = SqlEvalProjection(migrated)
+    log = log_factory(migrated)
+    projection = projection_factory(migrated)
     log.append(_history(3, 2))
     projection.catch_up(log)
     expected = _snapshot(migrated)
@@ -304,10 +315,12 @@ def test_catch_up_after_clear_reapplies_everything(migrated: sa.Engine) -> None:
     assert expected == _snapshot(migrated)
 
 
-def test_catch_up_after_rebuild_from_the_log_applies_nothing(migrated: sa.Engine) -> None:
+def test_catch_up_after_rebuild_from_the_log_applies_nothing(
+    migrated: sa.Engine, log_factory: LogFactory, projection_factory: ProjectionFactory
+) -> None:
     """After rebuild(log.read()), catch_up returns 0, then applies only later appends."""
-    log = SqlEventLog(migrated)
-    projection = SqlEvalProjection(migrated)
+    log = log_factory(migrated)
+    projection = projection_factory(migrated)
     events = _history(3, 2)
     log.append(events[:-3])
     assert len(events) - 3 == projection.rebuild(log.read())
@@ -317,10 +330,12 @@ def test_catch_up_after_rebuild_from_the_log_applies_nothing(migrated: sa.Engine
     assert _rebuilt_snapshot(migrated, log) == _snapshot(migrated)
 
 
-def test_rebuild_from_the_log_records_the_position_it_replayed_to(migrated: sa.Engine) -> None:
+def test_rebuild_from_the_log_records_the_position_it_replayed_to(
+    migrated: sa.Engine, log_factory: LogFactory, projection_factory: ProjectionFactory
+) -> None:
     """rebuild(log) and rebuild(log.read()) store the log's last position; another iterable 0."""
-    log = SqlEventLog(migrated)
-    projection = SqlEvalProjection(migrated, batch_size=4)
+    log = log_factory(migrated)
+    projection = projection_factory(migrated, batch_size=4)
     events = _history(3, 2)
     log.append(events)
     last = log.count()
@@ -338,10 +353,12 @@ def test_rebuild_from_the_log_records_the_position_it_replayed_to(migrated: sa.E
     assert _rebuilt_snapshot(migrated, log) == _snapshot(migrated)
 
 
-def test_catch_up_after_rebuild_from_a_prefix_applies_the_rest(migrated: sa.Engine) -> None:
+def test_catch_up_after_rebuild_from_a_prefix_applies_the_rest(
+    migrated: sa.Engine, log_factory: LogFactory, projection_factory: ProjectionFactory
+) -> None:
     """Events already projected are recognised per study: catch_up applies only the missing."""
-    log = SqlEventLog(migrated)
-    projection = SqlEvalProjection(migrated, batch_size=3)
+    log = log_factory(migrated)
+    projection = projection_factory(migrated, batch_size=3)
     events = _history(4, 3)
     log.append(events)
     assert 11 == projection.rebuild(log.read(limit=11))
@@ -349,10 +366,12 @@ def test_catch_up_after_rebuild_from_a_prefix_applies_the_rest(migrated: sa.Engi
     assert _rebuilt_snapshot(migrated, log) == _snapshot(migrated)
 
 
-def test_incremental_catch_up_equals_rebuild(migrated: sa.Engine) -> None:
+def test_incremental_catch_up_equals_rebuild(
+    migrated: sa.Engine, log_factory: LogFactory, projection_factory: ProjectionFactory
+) -> None:
     """catch_up interleaved with appends gives exactly what rebuilding from the log gives."""
-    log = SqlEventLog(migrated)
-    projection = SqlEvalProjection(migrated, batch_size=3)
+    log = log_factory(migrated)
+    projection = projection_factory(migrated, batch_size=3)
     events = _history(5, 6)
     applied = 0
     for start in range(0, len(events), 7):
@@ -364,10 +383,12 @@ def test_incremental_catch_up_equals_rebuild(migrated: sa.Engine) -> None:
     assert _rebuilt_snapshot(migrated, log) == incremental
 
 
-def test_catch_up_stops_at_an_invalid_event_and_resumes_after_repair(migrated: sa.Engine) -> None:
+def test_catch_up_stops_at_an_invalid_event_and_resumes_after_repair(
+    migrated: sa.Engine, log_factory: LogFactory, projection_factory: ProjectionFactory
+) -> None:
     """A ProjectionError in catch_up keeps the batches before it and re-raises on the next call."""
-    log = SqlEventLog(migrated)
-    projection = SqlEvalProjection(migrated, batch_size=2)
+    log = log_factory(migrated)
+    projection = projection_factory(migrated, batch_size=2)
     log.append([_created(0, 0), _started(0, 1), _paused(0, 2), _checkpoint(7, 3)])
     with pytest.raises(ProjectionError) as raised:
         projection.catch_up(log)
@@ -380,10 +401,12 @@ def test_catch_up_stops_at_an_invalid_event_and_resumes_after_repair(migrated: s
 # inline projection
 
 
-def test_inline_append_projects_in_the_same_transaction(migrated: sa.Engine) -> None:
+def test_inline_append_projects_in_the_same_transaction(
+    migrated: sa.Engine, log_factory: LogFactory, projection_factory: ProjectionFactory
+) -> None:
     """append(events, projection=...) logs and projects; catch_up afterwards applies nothing."""
-    log = SqlEventLog(migrated)
-    projection = SqlEvalProjection(migrated)
+    log = log_factory(migrated)
+    projection = projection_factory(migrated)
     events = _history(3, 2)
     assert len(events) == log.append(events, projection=projection)
     assert 0 == projection.catch_up(log)
@@ -391,10 +414,12 @@ def test_inline_append_projects_in_the_same_transaction(migrated: sa.Engine) -> 
     assert 3 == len(_snapshot(migrated)[0])
 
 
-def test_inline_projection_error_writes_neither_log_nor_projection(migrated: sa.Engine) -> None:
+def test_inline_projection_error_writes_neither_log_nor_projection(
+    migrated: sa.Engine, log_factory: LogFactory, projection_factory: ProjectionFactory
+) -> None:
     """A ProjectionError during an inline append leaves no log rows and no projection rows."""
-    log = SqlEventLog(migrated)
-    projection = SqlEvalProjection(migrated)
+    log = log_factory(migrated)
+    projection = projection_factory(migrated)
     log.append([_created(0, 0), _started(0, 1)], projection=projection)
     before = _snapshot(migrated)
     with pytest.raises(ProjectionError) as raised:
@@ -405,10 +430,12 @@ def test_inline_projection_error_writes_neither_log_nor_projection(migrated: sa.
     assert 0 == projection.catch_up(log)
 
 
-def test_inline_append_first_catches_up_a_lagging_projection(migrated: sa.Engine) -> None:
+def test_inline_append_first_catches_up_a_lagging_projection(
+    migrated: sa.Engine, log_factory: LogFactory, projection_factory: ProjectionFactory
+) -> None:
     """An inline append onto a projection behind the log applies the older events too, in order."""
-    log = SqlEventLog(migrated)
-    projection = SqlEvalProjection(migrated)
+    log = log_factory(migrated)
+    projection = projection_factory(migrated)
     log.append([_created(0, 0), _started(0, 1)], projection=projection)
     log.append([_checkpoint(0, 2), _created(1, 3)])
     assert 1 == log.append([_checkpoint(0, 4)], projection=projection)

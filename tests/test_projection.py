@@ -17,6 +17,7 @@ from uuid import UUID
 import attrs
 import pytest
 import sqlalchemy as sa
+from aio_support import ProjectionFactory
 from conftest import Database
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -355,6 +356,7 @@ TABLE: list[tuple[StudyStatus, type[EvalEvent], StudyStatus | None, int | None, 
 )
 def test_state_machine(
     migrated: sa.Engine,
+    projection_factory: ProjectionFactory,
     *,
     status: StudyStatus,
     event_type: type[EvalEvent],
@@ -363,7 +365,7 @@ def test_state_machine(
     stopped_ms: int | None,
 ) -> None:
     """Each (status, lifecycle event) pair gives the row of the SPEC's state machine."""
-    projection = SqlEvalProjection(migrated)
+    projection = projection_factory(migrated)
     storage = SqlEvalStorage(migrated)
     projection.apply_many(SETUP[status])
     assert BEFORE[status] == storage.get_study(S1)
@@ -388,10 +390,12 @@ def test_state_machine(
 # --- exactly once -------------------------------------------------------------------------
 
 
-def test_overlapping_batches_apply_each_event_once(migrated: sa.Engine) -> None:
+def test_overlapping_batches_apply_each_event_once(
+    migrated: sa.Engine, projection_factory: ProjectionFactory
+) -> None:
     """Redelivered and overlapping batches count only their new events."""
     events = interleaved()
-    projection = SqlEvalProjection(migrated, batch_size=4)
+    projection = projection_factory(migrated, batch_size=4)
     counts = [
         projection.apply_many(events[0:5]),
         projection.apply_many(events[3:9]),
@@ -403,19 +407,23 @@ def test_overlapping_batches_apply_each_event_once(migrated: sa.Engine) -> None:
     assert reference(events) == snapshot(migrated)
 
 
-def test_replaying_the_whole_stream_changes_nothing(migrated: sa.Engine) -> None:
+def test_replaying_the_whole_stream_changes_nothing(
+    migrated: sa.Engine, projection_factory: ProjectionFactory
+) -> None:
     """A whole-stream replay, one event at a time, applies nothing."""
     events = interleaved()
-    projection = SqlEvalProjection(migrated)
+    projection = projection_factory(migrated)
     projection.apply_many(events)
     before = snapshot(migrated)
     assert [False] * len(events) == [projection.apply(event) for event in events]
     assert before == snapshot(migrated)
 
 
-def test_event_older_than_the_newest_applied_is_a_duplicate(migrated: sa.Engine) -> None:
+def test_event_older_than_the_newest_applied_is_a_duplicate(
+    migrated: sa.Engine, projection_factory: ProjectionFactory
+) -> None:
     """An unseen event older than the newest applied event of its study is skipped."""
-    projection = SqlEvalProjection(migrated)
+    projection = projection_factory(migrated)
     projection.apply_many([at(1, created()), at(5, StudyStarted(S1)), at(2, created(S2))])
     late = [at(3, StudyStopped(S1)), at(4, checkpoint(4)), at(3, StudyStarted(S2))]
     assert [False, False, True] == [projection.apply(event) for event in late]
@@ -481,10 +489,12 @@ INVALID: dict[str, tuple[list[StoredEvalEvent], StoredEvalEvent, str]] = {
 
 
 @pytest.mark.parametrize("case", sorted(INVALID))
-def test_invalid_event_raises_and_rolls_back_its_batch(migrated: sa.Engine, case: str) -> None:
+def test_invalid_event_raises_and_rolls_back_its_batch(
+    migrated: sa.Engine, projection_factory: ProjectionFactory, case: str
+) -> None:
     """An invalid event raises ProjectionError; its batch is invisible, earlier batches stay."""
     setup, bad, reason = INVALID[case]
-    projection = SqlEvalProjection(migrated, batch_size=100)
+    projection = projection_factory(migrated, batch_size=100)
     earlier = [at(1, created(S2, "earlier")), at(2, StudyStarted(S2))]
     projection.apply_many(earlier + setup)
     before = snapshot(migrated)
@@ -500,9 +510,11 @@ def test_invalid_event_raises_and_rolls_back_its_batch(migrated: sa.Engine, case
     assert len(same_batch) == projection.apply_many(same_batch)
 
 
-def test_the_first_invalid_event_of_a_batch_is_reported(migrated: sa.Engine) -> None:
+def test_the_first_invalid_event_of_a_batch_is_reported(
+    migrated: sa.Engine, projection_factory: ProjectionFactory
+) -> None:
     """A stored checkpoint conflicting early in a batch is reported before a later invalid event."""
-    projection = SqlEvalProjection(migrated)
+    projection = projection_factory(migrated)
     projection.apply_many([at(1, created()), at(2, checkpoint(1))])
     before = snapshot(migrated)
     conflict = at(3, checkpoint(1, tokens=8))
@@ -512,10 +524,12 @@ def test_the_first_invalid_event_of_a_batch_is_reported(migrated: sa.Engine) -> 
     assert before == snapshot(migrated)
 
 
-def test_invalid_event_keeps_the_batches_committed_before_it(migrated: sa.Engine) -> None:
+def test_invalid_event_keeps_the_batches_committed_before_it(
+    migrated: sa.Engine, projection_factory: ProjectionFactory
+) -> None:
     """apply_many commits the batches before the invalid event's batch, and not that batch."""
     events = lifecycle()
-    projection = SqlEvalProjection(migrated, batch_size=3)
+    projection = projection_factory(migrated, batch_size=3)
     bad = at(100, StudyStarted(S2))
     with pytest.raises(ProjectionError) as raised:
         projection.apply_many([*events[:7], bad, *events[7:]])
@@ -603,11 +617,13 @@ def test_projection_equals_the_reference_model(
 # --- atomic rebuild, laziness -------------------------------------------------------------
 
 
-def test_rebuild_is_atomic_for_readers(database: Database, migrated: sa.Engine) -> None:
+def test_rebuild_is_atomic_for_readers(
+    database: Database, migrated: sa.Engine, projection_factory: ProjectionFactory
+) -> None:
     """While a rebuild runs, another Engine reads the whole old projection, then the new one."""
     old = lifecycle(S1)
     new = sorted(lifecycle(S2) + lifecycle(study_id(3))[:4], key=lambda s: s.event_id)
-    projection = SqlEvalProjection(migrated, batch_size=2)
+    projection = projection_factory(migrated, batch_size=2)
     projection.apply_many(old)
     halfway, resume = threading.Event(), threading.Event()
 
@@ -644,9 +660,11 @@ def test_rebuild_is_atomic_for_readers(database: Database, migrated: sa.Engine) 
         reader.dispose()
 
 
-def test_failed_rebuild_keeps_the_old_projection(migrated: sa.Engine) -> None:
+def test_failed_rebuild_keeps_the_old_projection(
+    migrated: sa.Engine, projection_factory: ProjectionFactory
+) -> None:
     """A rebuild whose stream fails midway rolls back to the old projection."""
-    projection = SqlEvalProjection(migrated, batch_size=2)
+    projection = projection_factory(migrated, batch_size=2)
     projection.apply_many(lifecycle(S1))
     before = snapshot(migrated)
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-import evals_orm
 from evals_orm import create_engine
 from evals_orm.testing import BACKENDS
 
@@ -250,9 +249,6 @@ def test_failing_test_shows_the_sqld_log(host: pytest.Pytester) -> None:
     assert 1 == result.stdout.str().count("sqld log (")
 
 
-@pytest.mark.skipif(
-    not hasattr(evals_orm, "create_async_engine"), reason="evals_orm has no async API yet"
-)
 def test_async_engine_is_migrated(host: pytest.Pytester) -> None:
     """evals_async_engine reaches a migrated database on every backend, from any event loop."""
     host.makepyfile(
