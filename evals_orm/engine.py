@@ -70,7 +70,7 @@ _ASYNC_DRIVERS = {
     "libsql": "sqlite+evals_aiolibsql",
     "libsql-remote": "sqlite+evals_aiolibsql",
     "postgresql": "postgresql+psycopg_async",
-    "mysql": "aiomysql",  # after the URL's own backend name: mysql+ or mariadb+
+    "mysql": "asyncmy",  # after the URL's own backend name: mysql+ or mariadb+
 }
 # Below these the server lacks what the schema needs (enforced CHECKs, say).
 _MARIADB_MIN = (10, 4)

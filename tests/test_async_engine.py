@@ -31,7 +31,7 @@ _ASYNC_DRIVER = {
     "libsql": "evals_aiolibsql",
     "libsql-remote": "evals_aiolibsql",
     "postgresql": "psycopg_async",
-    "mariadb": "aiomysql",
+    "mariadb": "asyncmy",
 }
 
 
@@ -43,7 +43,7 @@ def _async_urls(database: Database) -> list[str]:
     if database.backend in ("libsql", "libsql-remote"):
         return [f"sqlite+evals_aiolibsql://{rest}", f"sqlite+aiolibsql://{rest}"]
     if database.backend == "mariadb":
-        return [f"mysql+aiomysql://{rest}", f"mariadb+aiomysql://{rest}"]
+        return [f"mysql+asyncmy://{rest}", f"mariadb+asyncmy://{rest}"]
     return [f"postgresql+psycopg_async://{rest}", f"postgresql+asyncpg://{rest}"]
 
 
@@ -97,8 +97,8 @@ def test_every_url_form_reaches_the_same_database_with_the_async_driver(
         ("postgresql://u@h/db", "postgresql+psycopg_async://u@h/db", None),
         ("postgresql+psycopg2://u@h/db", "postgresql+psycopg_async://u@h/db", None),
         ("postgresql+asyncpg://u@h/db", "postgresql+asyncpg://u@h/db", None),
-        ("mysql://u@h/db", "mysql+aiomysql://u@h/db?charset=utf8mb4", None),
-        ("mariadb+pymysql://u@h/db", "mariadb+aiomysql://u@h/db?charset=utf8mb4", None),
+        ("mysql://u@h/db", "mysql+asyncmy://u@h/db?charset=utf8mb4", None),
+        ("mariadb+pymysql://u@h/db", "mariadb+asyncmy://u@h/db?charset=utf8mb4", None),
     ],
 )
 def test_url_forms_map_to_async_driver_urls(
