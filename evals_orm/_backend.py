@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from evals_orm.errors import DatabaseError
 
-__all__ = ["Backend", "BulkInsert", "backend_of"]
+__all__ = ["Backend", "BulkInsert", "backend_of", "mark_embedded_replica"]
 
 
 class BulkInsert(enum.Enum):
@@ -51,9 +51,15 @@ class Backend:
     any_array: bool
     # Execution options of the services' own write transactions.
     write_options: dict[str, str] = attrs.field(factory=dict)
+    # A libSQL file synced from a primary (``create_engine(..., sync_url=...)``):
+    # the services only read through it (see ``_tx.transaction``).
+    embedded_replica: bool = False
 
 
 _CACHE: weakref.WeakKeyDictionary[sa.Engine, Backend] = weakref.WeakKeyDictionary()
+# Engines ``create_engine`` made with ``sync_url``: nothing in the Engine
+# itself tells a replica from a plain libSQL file.
+_EMBEDDED_REPLICAS: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
 
 # A remote libSQL server aborts a transaction that keeps a waiting writer out
 # for about 5 s, so batches there stay small; elsewhere large batches
@@ -68,6 +74,12 @@ def backend_of(engine: sa.Engine) -> Backend:
     if backend is None:
         backend = _CACHE[engine] = _compute(engine)
     return backend
+
+
+def mark_embedded_replica(engine: sa.Engine) -> None:
+    """Record that ``engine`` is an embedded replica (before its ``Backend`` is first read)."""
+    _EMBEDDED_REPLICAS.add(engine)
+    _CACHE.pop(engine, None)
 
 
 def _compute(engine: sa.Engine) -> Backend:
@@ -91,6 +103,7 @@ def _compute(engine: sa.Engine) -> Backend:
             batch_size=_REMOTE_BATCH if remote else _BATCH,
             single_writer=True,
             any_array=False,
+            embedded_replica=engine in _EMBEDDED_REPLICAS,
         )
     if dialect.name == "postgresql":
         copy = not dialect.is_async and getattr(dialect.loaded_dbapi, "__name__", "") == "psycopg"
