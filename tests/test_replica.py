@@ -1,0 +1,239 @@
+"""Embedded replicas of a real sqld primary: sync visibility, no torn reads, refused writes, CLI.
+
+Each test starts its own ``sqld`` (``evals_orm._sqld.running_sqld``); the
+replicas are libSQL files made by ``create_engine(..., sync_url=...)``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from evals_orm import (
+    CheckpointId,
+    CheckpointRecorded,
+    ConfigurationError,
+    PeriodType,
+    SchemaMissingError,
+    SqlEvalProjection,
+    SqlEvalStorage,
+    SqlEventLog,
+    StoredEvalEvent,
+    StudyCreated,
+    StudyId,
+    StudyStarted,
+    create_engine,
+    migrations,
+    sync,
+    uuid7,
+)
+from evals_orm._sqld import SqldServer, running_sqld
+
+# Checkpoints each batch records for its one new study: a torn batch would
+# show a study with fewer.
+CHECKPOINTS = 5
+T0 = datetime(2025, 1, 6, 9, 0, tzinfo=timezone.utc)
+_KEY = "replica-test-encryption-key-0123"
+_CANARY = "canary-study-name-in-plaintext"
+_REFUSED = "does not write through an embedded replica"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[SqldServer]:
+    """A running sqld primary of its own."""
+    with running_sqld(tmp_path / "sqld") as running:
+        yield running
+
+
+@pytest.fixture
+def primary(server: SqldServer) -> Iterator[sa.Engine]:
+    """An Engine on the primary, migrated."""
+    engine = create_engine(server.url, auth_token=server.auth_token)
+    migrations.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def _replica(server: SqldServer, path: Path) -> sa.Engine:
+    return create_engine(f"sqlite+libsql:///{path}", sync_url=server.url, auth_token=server.auth_token)
+
+
+@pytest.fixture
+def replicas(server: SqldServer, primary: sa.Engine, tmp_path: Path) -> Iterator[list[sa.Engine]]:
+    """Two embedded replicas of the migrated primary, synced once."""
+    engines = [_replica(server, tmp_path / f"replica{n}.db") for n in (1, 2)]
+    for engine in engines:
+        sync(engine)
+    yield engines
+    for engine in engines:
+        engine.dispose()
+
+
+def _batch(name: str) -> list[StoredEvalEvent]:
+    """A new running study and its ``CHECKPOINTS`` checkpoints, in stream order."""
+    study = StudyId(uuid7())
+    events = [
+        StoredEvalEvent.new(StudyCreated(study, name, PeriodType.DAILY, 1)),
+        StoredEvalEvent.new(StudyStarted(study)),
+    ]
+    events += [
+        StoredEvalEvent.new(
+            CheckpointRecorded(CheckpointId(uuid7()), study, T0 + timedelta(days=day))
+        )
+        for day in range(CHECKPOINTS)
+    ]
+    return events
+
+
+def _append(engine: sa.Engine, events: list[StoredEvalEvent]) -> None:
+    SqlEventLog(engine).append(events, projection=SqlEvalProjection(engine))
+
+
+def _state(engine: sa.Engine) -> tuple[list[str], dict[StudyId, int]]:
+    """The study names and checkpoint counts ``engine`` reads, in one read each."""
+    storage = SqlEvalStorage(engine)
+    return sorted(study.name for study in storage.list_studies()), storage.checkpoint_counts()
+
+
+def test_replicas_see_a_batch_after_sync_only_and_all_of_it(
+    primary: sa.Engine, replicas: list[sa.Engine]
+) -> None:
+    """Two replicas read nothing of a batch before ``sync`` and the whole batch after."""
+    _append(primary, _batch("first"))
+    before = [_state(replica) for replica in replicas]
+    for replica in replicas:
+        sync(replica)
+    after = [_state(replica) for replica in replicas]
+    _append(primary, _batch("second"))
+    for replica in replicas:
+        sync(replica)
+    final = [_state(replica) for replica in replicas]
+    assert [([], {})] * 2 == before
+    assert [_state(primary)] * 2 == final
+    for names, counts in after:
+        assert (["first"], [CHECKPOINTS]) == (names, list(counts.values()))
+    assert ["first", "second"] == final[0][0]
+
+
+def test_a_reader_on_a_replica_never_sees_a_torn_batch(
+    primary: sa.Engine, replicas: list[sa.Engine]
+) -> None:
+    """While the primary takes batch after batch, a replica synced in a loop reads whole batches.
+
+    Every batch creates one study with ``CHECKPOINTS`` checkpoints in one
+    transaction: each read must show every study with all of them, and the
+    checkpoint total a multiple of the batch.
+    """
+    batches = 12
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            for number in range(batches):
+                _append(primary, _batch(f"study-{number:02}"))
+        except BaseException as error:  # reported by the reader's thread
+            failures.append(error)
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    seen: Counter[int] = Counter()
+    torn: list[dict[StudyId, int]] = []
+    while not done.is_set():
+        sync(replicas[0])
+        names, counts = _state(replicas[0])
+        seen[len(names)] += 1
+        if set(counts.values()) - {CHECKPOINTS} or len(counts) != len(names):
+            torn.append(counts)
+    writer.join()
+    sync(replicas[0])
+    names, counts = _state(replicas[0])
+    assert [] == failures
+    assert [] == torn
+    assert [f"study-{number:02}" for number in range(batches)] == names
+    assert {CHECKPOINTS} == set(counts.values())
+    # The loop did read while the primary was being written.
+    assert len(seen) > 1
+
+
+def _writes(replica: sa.Engine, events: list[StoredEvalEvent]) -> dict[str, Callable[[], Any]]:
+    log, projection = SqlEventLog(replica), SqlEvalProjection(replica)
+    return {
+        "append": lambda: log.append(events),
+        "append inline": lambda: log.append(events, projection=projection),
+        "apply_many": lambda: projection.apply_many(events),
+        "rebuild": lambda: projection.rebuild(log),
+        "catch_up": lambda: projection.catch_up(log),
+        "clear": projection.clear,
+        "upgrade": lambda: migrations.upgrade(replica),
+        "downgrade": lambda: migrations.downgrade(replica, "base"),
+        "append on a Connection": lambda: _on_connection(replica, events),
+    }
+
+
+def _on_connection(replica: sa.Engine, events: list[StoredEvalEvent]) -> None:
+    with replica.connect() as connection:
+        SqlEventLog(connection).append(events)
+
+
+_WRITES = [
+    "append",
+    "append inline",
+    "apply_many",
+    "rebuild",
+    "catch_up",
+    "clear",
+    "upgrade",
+    "downgrade",
+    "append on a Connection",
+]
+
+
+@pytest.mark.parametrize("write", _WRITES)
+def test_every_write_through_a_replica_is_refused_at_once(
+    write: str, primary: sa.Engine, replicas: list[sa.Engine]
+) -> None:
+    """Appends, projection writes and migrations through a replica fail before writing anything.
+
+    The error is one sentence telling to write through the primary; the
+    primary's log, projection and lock rows are untouched.
+    """
+    _append(primary, _batch("kept"))
+    before = _rows(primary)
+    with pytest.raises(ConfigurationError, match=_REFUSED) as raised:
+        _writes(replicas[0], _batch("refused"))[write]()
+    assert before == _rows(primary)
+    assert "primary" in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def _rows(engine: sa.Engine) -> list[Any]:
+    """Every row of the log, the projection and the lock rows, for before/after comparisons."""
+    with engine.connect() as connection:
+        return [
+            connection.exec_driver_sql(f"SELECT * FROM {table} ORDER BY 1").all()
+            for table in ("eval_events", "studies", "checkpoints", "eval_tracking")
+        ]
+
+
+def test_a_replica_of_an_unmigrated_primary_says_to_migrate(
+    server: SqldServer, tmp_path: Path
+) -> None:
+    """Reading a replica whose primary was never migrated raises SchemaMissingError."""
+    replica = _replica(server, tmp_path / "replica.db")
+    sync(replica)
+    with pytest.raises(SchemaMissingError, match="upgrade"):
+        SqlEvalStorage(replica).list_studies()
+    replica.dispose()
