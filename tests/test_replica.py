@@ -6,9 +6,7 @@ replicas are libSQL files made by ``create_engine(..., sync_url=...)``.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import socket
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -18,6 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from test_cli import run
 
 from evals_orm import (
     CheckpointId,
@@ -37,6 +36,7 @@ from evals_orm import (
     sync,
     uuid7,
 )
+from evals_orm._demo import FEATURED_STUDY
 from evals_orm._sqld import SqldServer, running_sqld
 
 # Checkpoints each batch records for its one new study: a torn batch would
@@ -65,7 +65,9 @@ def primary(server: SqldServer) -> Iterator[sa.Engine]:
 
 
 def _replica(server: SqldServer, path: Path) -> sa.Engine:
-    return create_engine(f"sqlite+libsql:///{path}", sync_url=server.url, auth_token=server.auth_token)
+    return create_engine(
+        f"sqlite+libsql:///{path}", sync_url=server.url, auth_token=server.auth_token
+    )
 
 
 @pytest.fixture
@@ -237,3 +239,91 @@ def test_a_replica_of_an_unmigrated_primary_says_to_migrate(
     with pytest.raises(SchemaMissingError, match="upgrade"):
         SqlEvalStorage(replica).list_studies()
     replica.dispose()
+
+
+# --- the command line -----------------------------------------------------------
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI runs as a user's would: no RUST_LOG to quiet the driver's log lines."""
+    monkeypatch.delenv("RUST_LOG", raising=False)
+
+
+@pytest.mark.usefixtures("cli_env")
+def test_cli_sync_pulls_and_json_output_stays_clean(
+    server: SqldServer, primary: sa.Engine, tmp_path: Path
+) -> None:
+    """``evals-orm sync`` pulls into the replica; --json stdout is JSON alone, reads included.
+
+    The replica's primary and token come from the environment; writes through
+    the replica are refused with one sentence and leave the primary as it was.
+    """
+    url = f"sqlite+libsql:///{tmp_path / 'replica.db'}"
+    env = {"EVALS_ORM_SYNC_URL": server.url, "EVALS_ORM_AUTH_TOKEN": server.auth_token}
+    _append(primary, _batch("synced"))
+    synced = run("--url", url, "sync", "--json", env=env)
+    text = run("--url", url, "sync", env=env)
+    studies = run("--url", url, "studies", "--json", env=env)
+    before = _rows(primary)
+    refused = run("--url", url, "rebuild", env=env)
+    assert (0, {"synced": True, "replica": url, "driver_report": None}) == (
+        synced.code,
+        synced.json(),
+    )
+    assert f"synced {url} from its primary (the driver reported nothing)\n" == text.stdout
+    assert ["synced"] == [study["name"] for study in studies.json()]
+    assert "" == synced.stderr + studies.stderr
+    assert (2, "") == (refused.code, refused.stdout)
+    assert _REFUSED in refused.stderr
+    assert 1 == len(refused.stderr.splitlines())
+    assert before == _rows(primary)
+
+
+@pytest.mark.usefixtures("cli_env")
+def test_cli_sync_without_a_primary_says_why(tmp_path: Path) -> None:
+    """``sync`` without --sync-url is a usage error; with the primary down, one sentence, exit 1."""
+    url = f"sqlite+libsql:///{tmp_path / 'replica.db'}"
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    missing = run("--url", url, "sync")
+    down = run("--url", url, "--sync-url", closed, "sync", "--json")
+    assert (2, "") == (missing.code, missing.stdout)
+    assert "pass --sync-url or set $EVALS_ORM_SYNC_URL" in missing.stderr
+    assert (1, "") == (down.code, down.stdout)
+    assert "cannot sync the embedded replica with its primary" in down.stderr
+    assert 1 == len(down.stderr.splitlines())
+
+
+@pytest.mark.usefixtures("cli_env")
+def test_cli_encryption_keeps_the_key_and_the_data_out_of_sight(tmp_path: Path) -> None:
+    """A file made with the key holds no plaintext; a wrong or missing key is one sentence.
+
+    The key, from the environment or the command line, appears in no output.
+    """
+    path = tmp_path / "secret.db"
+    url = f"sqlite+libsql:///{path}"
+    keyed = {"EVALS_ORM_ENCRYPTION_KEY": _KEY}
+    made = run("--url", url, "demo", env=keyed)
+    stored = b"".join(file.read_bytes() for file in tmp_path.iterdir())
+    read = run("--url", url, "studies", "--json", env=keyed)
+    on_command_line = run("--url", url, "--encryption-key", _KEY, "studies", "--json")
+    wrong = run("--url", url, "studies", env={"EVALS_ORM_ENCRYPTION_KEY": "a-wrong-key"})
+    missing = run("--url", url, "studies")
+    results = [made, read, on_command_line, wrong, missing]
+    assert [0, 0, 0, 1, 1] == [result.code for result in results]
+    assert FEATURED_STUDY.encode() not in stored
+    assert FEATURED_STUDY in {study["name"] for study in read.json()}
+    assert read.stdout == on_command_line.stdout
+    assert "cannot be decrypted with this encryption key" in wrong.stderr
+    assert "it is encrypted" in missing.stderr
+    assert [1, 1] == [len(result.stderr.splitlines()) for result in (wrong, missing)]
+    assert [] == [r for r in results if _KEY in r.stdout + r.stderr or "a-wrong-key" in r.stderr]
+
+
+def test_cli_help_warns_that_a_key_on_the_command_line_is_visible() -> None:
+    """--help points to the environment variable for the key and says why."""
+    result = run("--help")
+    assert "EVALS_ORM_ENCRYPTION_KEY" in result.stdout
+    assert "visible in the process list" in " ".join(result.stdout.split())
