@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -168,6 +169,29 @@ def test_a_reader_on_a_replica_never_sees_a_torn_batch(
     assert {CHECKPOINTS} == set(counts.values())
     # The loop did read while the primary was being written.
     assert len(seen) > 1
+
+
+def test_a_replica_with_a_sync_interval_catches_up_by_itself(
+    server: SqldServer, primary: sa.Engine, tmp_path: Path
+) -> None:
+    """With ``sync_interval`` the driver pulls in the background: whole batches, no ``sync``."""
+    replica = create_engine(
+        f"sqlite+libsql:///{tmp_path / 'replica.db'}",
+        sync_url=server.url,
+        auth_token=server.auth_token,
+        sync_interval=0.1,
+    )
+    states = [_state(replica)]
+    for number in range(3):
+        _append(primary, _batch(f"study-{number}"))
+    deadline = time.monotonic() + 10
+    while states[-1] != _state(primary) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        states.append(_state(replica))
+    replica.dispose()
+    assert ([], {}) == states[0]
+    assert _state(primary) == states[-1]
+    assert [] == [counts for _, counts in states if set(counts.values()) - {CHECKPOINTS}]
 
 
 def _writes(replica: sa.Engine, events: list[StoredEvalEvent]) -> dict[str, Callable[[], Any]]:
