@@ -37,6 +37,9 @@ class Backend:
     family: str  # the dialect's name
     remote: bool
     in_memory: bool
+    # A libSQL file synced from a primary (``create_engine(..., sync_url=...)``):
+    # the services only read through it (see ``_tx.check_writable``).
+    embedded_replica: bool
     # The dialect's ``insert`` construct, the one with ON CONFLICT clauses.
     insert: Callable[..., Any]
     bulk_insert: BulkInsert
@@ -51,9 +54,6 @@ class Backend:
     any_array: bool
     # Execution options of the services' own write transactions.
     write_options: dict[str, str] = attrs.field(factory=dict)
-    # A libSQL file synced from a primary (``create_engine(..., sync_url=...)``):
-    # the services only read through it (see ``_tx.transaction``).
-    embedded_replica: bool = False
 
 
 _CACHE: weakref.WeakKeyDictionary[sa.Engine, Backend] = weakref.WeakKeyDictionary()
@@ -97,13 +97,13 @@ def _compute(engine: sa.Engine) -> Backend:
             family="sqlite",
             remote=remote,
             in_memory=not remote and engine.url.database in (None, "", ":memory:"),
+            embedded_replica=engine in _EMBEDDED_REPLICAS,
             insert=sqlite.insert,
             bulk_insert=bulk,
             skips_conflicts=True,
             batch_size=_REMOTE_BATCH if remote else _BATCH,
             single_writer=True,
             any_array=False,
-            embedded_replica=engine in _EMBEDDED_REPLICAS,
         )
     if dialect.name == "postgresql":
         copy = not dialect.is_async and getattr(dialect.loaded_dbapi, "__name__", "") == "psycopg"
@@ -112,6 +112,7 @@ def _compute(engine: sa.Engine) -> Backend:
             family="postgresql",
             remote=True,
             in_memory=False,
+            embedded_replica=False,
             insert=postgresql.insert,
             bulk_insert=BulkInsert.COPY if copy else BulkInsert.EXECUTEMANY,
             # COPY cannot skip conflicting rows, and other drivers' executemany
