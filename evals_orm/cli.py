@@ -18,12 +18,12 @@ from uuid import UUID
 import attrs
 import sqlalchemy as sa
 
-from evals_orm import _demo, _render
+from evals_orm import _demo, _render, sync
 from evals_orm._errors import translate
 from evals_orm._ingest import IngestReport, ingest
 from evals_orm.converters import dumps, structure
 from evals_orm.domain import StudyId, StudyStatus
-from evals_orm.engine import create_engine, sync
+from evals_orm.engine import create_engine
 from evals_orm.errors import ConfigurationError, EvalsError, InvalidEventError
 from evals_orm.eventlog import SqlEventLog
 from evals_orm.projection import SqlEvalProjection
