@@ -1,6 +1,6 @@
 """Sessions: ``tests`` on each backend, ``example``, ``lint``, ``typecheck``, ``bench``, ``demo``.
 
-``nox`` runs lint, typecheck, the tests on all four backends and the example
+``nox`` runs lint, typecheck, the tests on every backend and the example
 host project; the package is installed from the source tree (not imported
 from it) in every session.
 """

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from alembic import context
 
 from evals_orm.engine import create_engine
+from evals_orm.errors import DatabaseError
 from evals_orm.migrations import RENAMED_REVISIONS, VERSION_TABLE, schema_of
 from evals_orm.models import metadata
 
@@ -108,6 +109,56 @@ def _lock_postgresql(connection: sa.Connection, schema: str | None) -> None:
     connection.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
 
 
+# Seconds a MariaDB/MySQL upgrade waits for another one to finish.
+MYSQL_LOCK_WAIT_S = 600
+
+
+@contextmanager
+def _mysql_lock(connection: sa.Connection) -> Iterator[None]:
+    """Hold the database's named migration lock (``GET_LOCK``) for the block.
+
+    MySQL's DDL commits implicitly, so no transaction can serialise upgrades;
+    a named lock belongs to the session and outlives those commits. Its name
+    is server-wide, so it is derived from the database's name (hashed to fit
+    the 64 characters a name may have).
+    """
+    name = sa.func.concat("evals_orm:", sa.func.sha1(sa.func.database()))
+    got = connection.scalar(sa.select(sa.func.get_lock(name, MYSQL_LOCK_WAIT_S)))
+    if got != 1:
+        raise DatabaseError(
+            f"another upgrade kept this database's migration lock for "
+            f"{MYSQL_LOCK_WAIT_S} s; retry once it has finished"
+        )
+    try:
+        yield
+    finally:
+        connection.scalar(sa.select(sa.func.release_lock(name)))
+
+
+@contextmanager
+def _serialized_mysql(connection: sa.Connection) -> Iterator[None]:
+    """``_serialized`` on MariaDB/MySQL: the named lock, then a transaction that reads fresh."""
+    if connection.in_transaction():
+        with _mysql_lock(connection):
+            yield
+        return
+    try:
+        with _mysql_lock(connection):
+            # The lock's SELECT began a transaction: a fresh one reads the
+            # version table as the previous holder left it.
+            connection.commit()
+            connection.begin()
+            try:
+                yield
+            except BaseException:
+                connection.rollback()
+                raise
+            connection.commit()
+    finally:
+        # Ends the transaction the lock's release began.
+        connection.commit()
+
+
 @contextmanager
 def _serialized(connection: sa.Connection, schema: str | None) -> Iterator[None]:
     """Run the block holding the database's migration lock, in a transaction.
@@ -117,6 +168,10 @@ def _serialized(connection: sa.Connection, schema: str | None) -> Iterator[None]
     transaction the caller opened, the block joins it and the caller commits.
     """
     dialect = connection.dialect.name
+    if dialect in ("mysql", "mariadb"):
+        with _serialized_mysql(connection):
+            yield
+        return
     if connection.in_transaction():
         if dialect == "postgresql":
             _lock_postgresql(connection, schema)

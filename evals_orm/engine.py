@@ -42,13 +42,27 @@ REMOTE_POOL_RECYCLE_S = 5
 _SUPPORTED = (
     "sqlite:///PATH or sqlite:// (any SQLite driver, e.g. sqlite+pysqlite), "
     "sqlite+libsql:///PATH, sqlite+libsql://, libsql://HOST, https://HOST, http://HOST:PORT "
-    "or postgresql://... (any PostgreSQL driver, e.g. postgresql+psycopg2)"
+    "postgresql://... (any PostgreSQL driver, e.g. postgresql+psycopg2), "
+    "mysql://... or mariadb://... (any MySQL driver, e.g. mysql+mysqldb)"
 )
 _TOKEN_QUERY_KEYS = ("authToken", "auth_token")
 _TRUE = ("1", "true", "yes", "on")
 _REMOTE_SCHEMES = ("libsql", "https", "http", "wss", "ws")
-_BACKENDS = {"sqlite": "sqlite", "postgresql": "postgresql", "postgres": "postgresql"}
-_DEFAULT_DRIVERS = {"sqlite": "pysqlite", "postgresql": "psycopg"}
+_BACKENDS = {
+    "sqlite": "sqlite",
+    "postgresql": "postgresql",
+    "postgres": "postgresql",
+    # SQLAlchemy's "mariadb" dialect is MySQL's, refusing a MySQL server.
+    "mysql": "mysql",
+    "mariadb": "mariadb",
+}
+# PyMySQL for MariaDB/MySQL: pure Python, so it installs on any machine.
+_DEFAULT_DRIVERS = {
+    "sqlite": "pysqlite",
+    "postgresql": "psycopg",
+    "mysql": "pymysql",
+    "mariadb": "pymysql",
+}
 _LIBSQL_DRIVERS = ("libsql", "aiolibsql", "evals_aiolibsql")
 # The async driver each family gets when the URL names a sync one.
 _ASYNC_DRIVERS = {
@@ -56,12 +70,19 @@ _ASYNC_DRIVERS = {
     "libsql": "sqlite+evals_aiolibsql",
     "libsql-remote": "sqlite+evals_aiolibsql",
     "postgresql": "postgresql+psycopg_async",
+    "mysql": "aiomysql",  # after the URL's own backend name: mysql+ or mariadb+
 }
+# Below these the server lacks what the schema needs (enforced CHECKs, say).
+_MARIADB_MIN = (10, 4)
+_MYSQL_MIN = (8, 0, 16)
+# Under MySQL's default 8-hour wait_timeout, so the pool never hands out a
+# connection the server has dropped.
+MYSQL_POOL_RECYCLE_S = 3600
 
 _E = TypeVar("_E", Engine, AsyncEngine)
 # Engines made with sync_url (the ones ``sync`` may pull into) and their secrets.
 _REPLICAS: weakref.WeakKeyDictionary[Engine, tuple[str, ...]] = weakref.WeakKeyDictionary()
-_Family = Literal["sqlite", "libsql", "libsql-remote", "postgresql"]
+_Family = Literal["sqlite", "libsql", "libsql-remote", "postgresql", "mysql"]
 
 
 @attrs.frozen
@@ -107,7 +128,7 @@ def create_engine(
     encryption_key: str | None = None,
     **engine_kwargs: Any,
 ) -> Engine:
-    """Create an Engine for SQLite, libSQL (embedded or remote) or PostgreSQL.
+    """Create an Engine for SQLite, libSQL (embedded or remote), PostgreSQL or MariaDB/MySQL.
 
     Any sync driver of those dialects is accepted (``postgresql+psycopg2``,
     ``sqlite+pysqlite``, ...). File databases on SQLite/libSQL get foreign
@@ -134,7 +155,7 @@ def create_engine(
     if schema is not None:
         if target.family != "postgresql":
             raise ConfigurationError(
-                "a schema is only supported on PostgreSQL, not on SQLite or libSQL"
+                "a schema is only supported on PostgreSQL, not on SQLite, libSQL or MariaDB/MySQL"
             )
         engine_kwargs = _in_schema(schema, engine_kwargs)
     engine = _build(sa.create_engine, target, engine_kwargs)
@@ -189,7 +210,10 @@ def create_async_engine(
     if not target.is_async or target.family in ("libsql", "libsql-remote"):
         # Every libSQL URL gets the package's adapter: sqlalchemy-libsql's
         # aiolibsql blocks the event loop on every call.
-        target = attrs.evolve(target, url=target.url.set(drivername=_ASYNC_DRIVERS[target.family]))
+        drivername = _ASYNC_DRIVERS[target.family]
+        if target.family == "mysql":
+            drivername = f"{target.url.get_backend_name()}+{drivername}"
+        target = attrs.evolve(target, url=target.url.set(drivername=drivername))
     return _build(_sa_create_async_engine, target, engine_kwargs)
 
 
@@ -223,6 +247,8 @@ def _resolve(url: str | URL, auth_token: str | None) -> _Target:
     family: _Family
     if backend == "postgresql":
         family = "postgresql"
+    elif backend in ("mysql", "mariadb"):
+        family = "mysql"
     elif driver not in _LIBSQL_DRIVERS:
         family = "sqlite"
     elif parsed.host:
@@ -332,8 +358,10 @@ def _build(factory: Callable[..., _E], target: _Target, engine_kwargs: dict[str,
         # sqld expires a stream after about 10 s without a request; a pooled
         # connection is replaced before it can be handed out expired.
         kwargs.setdefault("pool_recycle", REMOTE_POOL_RECYCLE_S)
+    elif target.family == "mysql":
+        kwargs = _mysql_options(kwargs)
     try:
-        engine = factory(target.url, connect_args=connect_args, **kwargs)
+        engine = factory(_with_charset(target), connect_args=connect_args, **kwargs)
     except ImportError as error:
         raise ConfigurationError(
             f"the driver of {target.url.drivername!r} URLs is not installed; "
@@ -350,8 +378,71 @@ def _build(factory: Callable[..., _E], target: _Target, engine_kwargs: dict[str,
         event.listen(sync_engine, "connect", hook)
     if target.family in ("libsql", "libsql-remote"):
         _typed_connect_errors(sync_engine, target)
+    if target.family == "mysql":
+        event.listen(sync_engine, "first_connect", _check_mysql_server)
+        event.listen(sync_engine, "connect", _strict_mysql_session)
     _translate_errors(sync_engine, target)
     return engine
+
+
+def _mysql_options(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Return MariaDB/MySQL's engine options: READ COMMITTED and a recycled pool.
+
+    READ COMMITTED is PostgreSQL's default (and Django's on MySQL): a
+    transaction that waited for a lock row - a host Session's too - then reads
+    what its predecessor committed, not a snapshot taken before the wait
+    (REPEATABLE READ would make it miss rows and insert them twice).
+    """
+    return {
+        "pool_recycle": MYSQL_POOL_RECYCLE_S,
+        "isolation_level": "READ COMMITTED",
+        **engine_kwargs,
+    }
+
+
+def _with_charset(target: _Target) -> URL:
+    """Return the target's URL, asking a MySQL driver for utf8mb4 unless it names a charset."""
+    url = target.url
+    if target.family != "mysql" or "charset" in url.query:
+        return url
+    if url.get_driver_name() in ("pymysql", "mysqldb", "aiomysql", "asyncmy"):
+        # Every Unicode string, 4-byte emoji included.
+        return url.update_query_dict({"charset": "utf8mb4"})
+    return url
+
+
+def _check_mysql_server(dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+    """Refuse a server too old for the schema, in one sentence."""
+    del record
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SELECT VERSION()")
+        row: Any = cursor.fetchone()
+        version = str(row[0])
+    finally:
+        cursor.close()
+    mariadb = "mariadb" in version.lower()
+    needed = _MARIADB_MIN if mariadb else _MYSQL_MIN
+    release = version.split("-", maxsplit=1)[0]
+    numbers = tuple(int(part) for part in release.split(".")[:3] if part.isdigit())
+    if numbers < needed:
+        raise DatabaseError(
+            f"evals_orm needs {'MariaDB' if mariadb else 'MySQL'} "
+            f"{'.'.join(map(str, needed))} or newer; this server is {version}"
+        )
+
+
+def _strict_mysql_session(dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+    # Strict mode makes a value the column cannot hold an error instead of a
+    # silently truncated row, whatever the server's default.
+    del record
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(
+            "SET SESSION sql_mode = TRIM(BOTH ',' FROM CONCAT(@@sql_mode, ',STRICT_ALL_TABLES'))"
+        )
+    finally:
+        cursor.close()
 
 
 def _typed_pragma_errors(

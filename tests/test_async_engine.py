@@ -31,6 +31,7 @@ _ASYNC_DRIVER = {
     "libsql": "evals_aiolibsql",
     "libsql-remote": "evals_aiolibsql",
     "postgresql": "psycopg_async",
+    "mariadb": "aiomysql",
 }
 
 
@@ -41,6 +42,8 @@ def _async_urls(database: Database) -> list[str]:
         return [f"sqlite+aiosqlite://{rest}"]
     if database.backend in ("libsql", "libsql-remote"):
         return [f"sqlite+evals_aiolibsql://{rest}", f"sqlite+aiolibsql://{rest}"]
+    if database.backend == "mariadb":
+        return [f"mysql+aiomysql://{rest}", f"mariadb+aiomysql://{rest}"]
     return [f"postgresql+psycopg_async://{rest}", f"postgresql+asyncpg://{rest}"]
 
 
@@ -94,6 +97,8 @@ def test_every_url_form_reaches_the_same_database_with_the_async_driver(
         ("postgresql://u@h/db", "postgresql+psycopg_async://u@h/db", None),
         ("postgresql+psycopg2://u@h/db", "postgresql+psycopg_async://u@h/db", None),
         ("postgresql+asyncpg://u@h/db", "postgresql+asyncpg://u@h/db", None),
+        ("mysql://u@h/db", "mysql+aiomysql://u@h/db?charset=utf8mb4", None),
+        ("mariadb+pymysql://u@h/db", "mariadb+aiomysql://u@h/db?charset=utf8mb4", None),
     ],
 )
 def test_url_forms_map_to_async_driver_urls(
@@ -109,7 +114,7 @@ def test_url_forms_map_to_async_driver_urls(
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("mysql://u@h/db", "unsupported database URL scheme 'mysql'"),
+        ("oracle://u@h/db", "unsupported database URL scheme 'oracle'"),
         ("http://127.0.0.1:abc", "cannot parse the database URL"),
         ("postgresql://postgres@[::1/x", "cannot parse the database URL"),
         ("libsql://", "needs a host"),
@@ -140,8 +145,8 @@ def test_file_databases_get_foreign_keys_wal_and_a_lock_wait(database: Database)
     aiosqlite waits for locks with SQLite's busy timeout; the libSQL adapter
     waits itself (busy timeout 0) so the driver never holds the GIL while waiting.
     """
-    if database.backend == "postgresql":
-        pytest.skip("SQLite pragmas do not exist on PostgreSQL")
+    if database.backend in ("postgresql", "mariadb"):
+        pytest.skip("SQLite pragmas do not exist on database servers")
 
     async def pragmas(engine: AsyncEngine) -> list[object]:
         names = ["foreign_keys", "journal_mode"]
@@ -302,7 +307,9 @@ def test_driver_errors_are_typed(database: Database) -> None:
         return raised
 
     missing_table = (
-        sa.exc.ProgrammingError if database.backend == "postgresql" else sa.exc.OperationalError
+        sa.exc.ProgrammingError
+        if database.backend in ("postgresql", "mariadb")
+        else sa.exc.OperationalError
     )
     assert [sa.exc.IntegrityError, missing_table] == _using(database, fail)
 

@@ -388,7 +388,7 @@ USAGE_ERRORS = [
         "--from must not be later than --to",
     ),
     (["ingest", "missing.jsonl"], "cannot read missing.jsonl: No such file or directory"),
-    (["--url", "mysql://localhost/x", "studies"], "unsupported database URL scheme"),
+    (["--url", "oracle://localhost/x", "studies"], "unsupported database URL scheme"),
     (["db", "downgrade"], "the following arguments are required: REV"),
 ]
 
@@ -406,7 +406,11 @@ def test_usage_errors_exit_2_with_one_sentence(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["sqlite:///{tmp}/no/such/directory/evals.db", "postgresql://postgres@127.0.0.1:1/evals"],
+    [
+        "sqlite:///{tmp}/no/such/directory/evals.db",
+        "postgresql://postgres@127.0.0.1:1/evals",
+        "mysql://root@127.0.0.1:1/evals",
+    ],
 )
 def test_an_unreachable_database_exits_1_with_one_sentence(url: str, tmp_path: Path) -> None:
     """A database that cannot be reached is reported in one sentence, exit 1."""

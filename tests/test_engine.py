@@ -47,6 +47,13 @@ def equivalent_urls(database: Database) -> list[str]:
             f"libsql://{host}?secure=false",
         ]
     rest = database.url.split("://", 1)[1]
+    if database.backend == "mariadb":
+        return [
+            f"mysql://{rest}",
+            f"mysql+pymysql://{rest}",
+            f"mariadb://{rest}",
+            f"mariadb+pymysql://{rest}",
+        ]
     return [
         f"postgresql://{rest}",
         f"postgres://{rest}",
@@ -91,6 +98,10 @@ def test_every_url_form_reaches_the_same_database(database: Database) -> None:
         ),
         ("postgresql://u@h/db", "postgresql+psycopg://u@h/db", "QueuePool"),
         ("postgres://u@h/db", "postgresql+psycopg://u@h/db", "QueuePool"),
+        ("mysql://u@h/db", "mysql+pymysql://u@h/db?charset=utf8mb4", "QueuePool"),
+        ("mariadb://u@h/db", "mariadb+pymysql://u@h/db?charset=utf8mb4", "QueuePool"),
+        ("mysql+pymysql://u@h/db", "mysql+pymysql://u@h/db?charset=utf8mb4", "QueuePool"),
+        ("mysql://u@h/db?charset=latin1", "mysql+pymysql://u@h/db?charset=latin1", "QueuePool"),
         ("postgresql+psycopg2://u@h/db", "postgresql+psycopg2://u@h/db", "QueuePool"),
         ("postgres+pg8000://u@h/db", "postgresql+pg8000://u@h/db", "QueuePool"),
         ("sqlite+pysqlite:///some.db", "sqlite+pysqlite:///some.db", "QueuePool"),
@@ -106,7 +117,7 @@ def test_url_forms_map_to_driver_urls(url: str, expected_url: str, expected_pool
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("mysql://u@h/db", "unsupported database URL scheme 'mysql'"),
+        ("oracle://u@h/db", "unsupported database URL scheme 'oracle'"),
         ("nonsense", "cannot parse the database URL 'nonsense'"),
         ("libsql://", "needs a host"),
         ("https://", "needs a host"),
@@ -140,10 +151,14 @@ def test_async_urls_point_at_create_async_engine(url: str) -> None:
     assert "\n" not in message
 
 
-def test_a_driver_that_is_not_installed_names_its_package() -> None:
+@pytest.mark.parametrize(
+    ("url", "package"),
+    [("sqlite+pysqlcipher:///x.db", "pysqlcipher3"), ("mysql+mysqldb://u@h/db", "MySQLdb")],
+)
+def test_a_driver_that_is_not_installed_names_its_package(url: str, package: str) -> None:
     """A known dialect whose driver module is missing says which package to install."""
-    with pytest.raises(ConfigurationError, match="install the 'pysqlcipher3' package"):
-        create_engine("sqlite+pysqlcipher:///x.db")
+    with pytest.raises(ConfigurationError, match=f"install the '{package}' package"):
+        create_engine(url)
 
 
 @pytest.mark.parametrize("url", ["sqlite:///x.db", "sqlite+libsql://", "postgresql://u@h/db"])
@@ -155,8 +170,8 @@ def test_auth_token_with_a_local_url_is_a_configuration_error(url: str) -> None:
 
 def test_file_databases_get_foreign_keys_wal_and_busy_timeout(database: Database) -> None:
     """SQLite and libSQL connections run with foreign keys on, WAL and a busy timeout."""
-    if database.backend == "postgresql":
-        pytest.skip("SQLite pragmas do not exist on PostgreSQL")
+    if database.backend in ("postgresql", "mariadb"):
+        pytest.skip("SQLite pragmas do not exist on database servers")
     engine = database.engine()
     with engine.connect() as connection:
         actual = [

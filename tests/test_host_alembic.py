@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import alembic
@@ -285,6 +287,18 @@ def _apply_script(database: Database, script: str, tmp_path: Path) -> sa.Engine:
             timeout=120,
         )
         return database.engine()
+    if database.backend == "mariadb":
+        url = sa.make_url(database.url)
+        client = ["mysql", f"--user={url.username}", f"--host={url.host}", f"--port={url.port}"]
+        subprocess.run(
+            [*client, str(url.database)],
+            input=script,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        return database.engine()
     target = tmp_path / "offline.db"
     subprocess.run(
         ["sqlite3", "-bail", str(target)],
@@ -331,6 +345,8 @@ def _schema(engine: sa.Engine, schema: str | None = None) -> list[tuple[object, 
         )
         # A script is indented with spaces where the online DDL has tabs.
         return [(*row[:3], " ".join(str(row[3]).split())) for row in rows]
+    if engine.dialect.name in ("mysql", "mariadb"):
+        return _mysql_schema(engine)
     where = {"schema": schema or "public"}
     columns = raw_rows(
         engine,
@@ -355,20 +371,67 @@ def _schema(engine: sa.Engine, schema: str | None = None) -> list[tuple[object, 
     return [*columns, *indexes, *constraints]
 
 
+def _mysql_schema(engine: sa.Engine) -> list[tuple[object, ...]]:
+    """Describe the tables, columns, indexes and constraints of a MariaDB/MySQL database."""
+    queries = (
+        "SELECT table_name, engine, table_collation FROM information_schema.tables",
+        "SELECT table_name, column_name, column_type, is_nullable, column_default, extra "
+        "FROM information_schema.columns",
+        "SELECT table_name, index_name, non_unique, seq_in_index, column_name "
+        "FROM information_schema.statistics",
+        "SELECT table_name, constraint_name, constraint_type "
+        "FROM information_schema.table_constraints",
+        "SELECT table_name, constraint_name, check_clause "
+        "FROM information_schema.check_constraints",
+    )
+    return [
+        row
+        for query in queries
+        for row in sorted(
+            raw_rows(
+                engine,
+                f"{query} WHERE {'constraint' if 'check_clause' in query else 'table'}"
+                "_schema = DATABASE()",
+            ),
+            key=repr,
+        )
+    ]
+
+
+@contextmanager
+def _twin_mysql_database(database: Database) -> Iterator[sa.Engine]:
+    """Yield an Engine on a second, empty database of the MariaDB server, dropped afterwards."""
+    url = sa.make_url(database.url)
+    twin = f"{url.database}_twin"
+    with database.engine().connect() as connection:
+        connection.exec_driver_sql(
+            f"CREATE DATABASE `{twin}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        )
+    engine = create_engine(url.set(database=twin))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        with database.engine().connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE `{twin}`")
+
+
 def test_offline_sql_gives_the_online_schema(database: Database, tmp_path: Path) -> None:
     """`evals-orm db upgrade --sql` prints only SQL, connects to nothing, and builds the schema.
 
-    The script is one transaction; applied with sqlite3/psql to an empty
-    database it gives the same tables, columns, indexes and version row as an
-    online upgrade. For remote libSQL it is SQLite's script, made without
-    reaching the server.
+    The script is one transaction (not on MariaDB, whose DDL commits each
+    statement); applied with sqlite3/psql/mysql to an empty database it
+    gives the same tables, columns, indexes and version row as an online
+    upgrade. For remote libSQL it is SQLite's script, made without reaching
+    the server.
     """
     args = ("--url", database.url, "db", "upgrade", "--sql")
     script = _ok(_run("evals-orm", *args, cwd=tmp_path, database=database))
     assert not (tmp_path / "test.db").exists()
     assert "CREATE TABLE studies" in script
-    # One transaction: a script that fails halfway leaves nothing behind.
-    assert (True, True) == (script.startswith("BEGIN;"), script.rstrip().endswith("COMMIT;"))
+    if database.backend != "mariadb":
+        # One transaction: a script that fails halfway leaves nothing behind.
+        assert (True, True) == (script.startswith("BEGIN;"), script.rstrip().endswith("COMMIT;"))
 
     if database.backend == "libsql-remote":
         unreachable = ("--url", "http://127.0.0.1:9", "db", "upgrade", "--sql")
@@ -383,6 +446,13 @@ def test_offline_sql_gives_the_online_schema(database: Database, tmp_path: Path)
         online = create_engine(database.url, schema="online")
         migrations.upgrade(online)
         assert _schema(online, "online") == _schema(offline)
+    elif database.backend == "mariadb":
+        with _twin_mysql_database(database) as online:
+            migrations.upgrade(online)
+            assert _schema(online) == _schema(offline)
+            assert [(HEAD,)] == _versions_of(offline) == _versions_of(online)
+        offline.dispose()
+        return
     else:
         online = database.engine()
         migrations.upgrade(online)

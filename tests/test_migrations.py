@@ -64,7 +64,9 @@ def _table_info(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
 def test_sqlite_schema_equals_the_seed_ddl(migrated: sa.Engine) -> None:
     """On SQLite/libSQL the migrated tables and index match the seed DDL (extra columns last)."""
     if migrated.dialect.name != "sqlite":
-        pytest.skip("the seed DDL is SQLite's; PostgreSQL is checked by its own test")
+        pytest.skip(
+            "the seed DDL is SQLite's; PostgreSQL and MariaDB are checked by their own tests"
+        )
     seed_db = sqlite3.connect(":memory:")
     seed_db.executescript(SEED_DDL)
     for table in ("studies", "checkpoints"):
@@ -118,6 +120,55 @@ def test_postgresql_schema_uses_native_types(migrated: sa.Engine) -> None:
         migrated, "SELECT conname FROM pg_constraint WHERE conrelid = 'studies'::regclass"
     )
     assert [("pk_studies",)] == constraints
+
+
+def test_mariadb_schema_uses_native_types(migrated: sa.Engine) -> None:
+    """On MariaDB: BINARY(16), DATETIME(6), checked LONGTEXT JSON, unsigned ints, utf8mb4 InnoDB."""
+    if migrated.dialect.name not in ("mysql", "mariadb"):
+        pytest.skip("these column types are MariaDB's")
+    columns = raw_rows(
+        migrated,
+        "SELECT table_name, column_name, column_type, is_nullable FROM information_schema.columns "
+        "WHERE table_schema = DATABASE() AND table_name IN ('studies', 'checkpoints') "
+        "ORDER BY table_name, ordinal_position",
+    )
+    assert [
+        ("checkpoints", "id", "binary(16)", "NO"),
+        ("checkpoints", "study_id", "binary(16)", "NO"),
+        ("checkpoints", "timestamp", "datetime(6)", "NO"),
+        ("checkpoints", "metrics", "longtext", "NO"),
+        ("checkpoints", "events_analyzed", "bigint(20) unsigned", "NO"),
+        ("checkpoints", "sessions_included", "longtext", "NO"),
+        ("studies", "id", "binary(16)", "NO"),
+        ("studies", "name", "longtext", "NO"),
+        ("studies", "status", "text", "NO"),
+        ("studies", "period_type", "text", "NO"),
+        ("studies", "period_value", "int(10) unsigned", "YES"),
+        ("studies", "config", "longtext", "NO"),
+        ("studies", "created_at", "datetime(6)", "NO"),
+        ("studies", "started_at", "datetime(6)", "YES"),
+        ("studies", "stopped_at", "datetime(6)", "YES"),
+        ("studies", "last_event_id", "binary(16)", "NO"),
+    ] == columns
+    tables = raw_rows(
+        migrated,
+        "SELECT DISTINCT engine, table_collation FROM information_schema.tables "
+        "WHERE table_schema = DATABASE() AND table_name NOT LIKE 'evals_orm_alembic%'",
+    )
+    assert [("InnoDB", "utf8mb4_bin")] == tables
+    index = raw_rows(
+        migrated,
+        "SELECT column_name FROM information_schema.statistics WHERE table_schema = DATABASE() "
+        "AND index_name = 'idx_checkpoints_study_time' ORDER BY seq_in_index",
+    )
+    assert [("study_id",), ("timestamp",)] == index
+    with pytest.raises(sa.exc.DBAPIError, match="ck_studies_config_json"):
+        # Only JSON gets in, as jsonb guarantees on PostgreSQL.
+        raw_rows(
+            migrated,
+            "INSERT INTO studies VALUES (x'00', 'n', 'pending', 'daily', NULL, 'not json', "
+            "NOW(6), NULL, NULL, x'00')",
+        )
 
 
 def test_metadata_has_a_naming_convention() -> None:
