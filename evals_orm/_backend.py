@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
 from evals_orm.errors import DatabaseError
 
-__all__ = ["Backend", "BulkInsert", "backend_of"]
+__all__ = ["Backend", "BulkInsert", "backend_of", "mark_embedded_replica"]
 
 
 class BulkInsert(enum.Enum):
@@ -38,6 +38,9 @@ class Backend:
     family: str  # the dialect's name ("mysql" for MariaDB and MySQL)
     remote: bool
     in_memory: bool
+    # A libSQL file synced from a primary (``create_engine(..., sync_url=...)``):
+    # the services only read through it (see ``_tx.check_writable``).
+    embedded_replica: bool
     # The dialect's ``insert`` construct, the one with ON CONFLICT (or, in
     # the "mysql" family, ON DUPLICATE KEY UPDATE) clauses.
     insert: Callable[..., Any]
@@ -56,6 +59,9 @@ class Backend:
 
 
 _CACHE: weakref.WeakKeyDictionary[sa.Engine, Backend] = weakref.WeakKeyDictionary()
+# Engines ``create_engine`` made with ``sync_url``: nothing in the Engine
+# itself tells a replica from a plain libSQL file.
+_EMBEDDED_REPLICAS: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
 
 # A remote libSQL server aborts a transaction that keeps a waiting writer out
 # for about 5 s, so batches there stay small; elsewhere large batches
@@ -70,6 +76,12 @@ def backend_of(engine: sa.Engine) -> Backend:
     if backend is None:
         backend = _CACHE[engine] = _compute(engine)
     return backend
+
+
+def mark_embedded_replica(engine: sa.Engine) -> None:
+    """Record that ``engine`` is an embedded replica (before its ``Backend`` is first read)."""
+    _EMBEDDED_REPLICAS.add(engine)
+    _CACHE.pop(engine, None)
 
 
 def _compute(engine: sa.Engine) -> Backend:
@@ -87,6 +99,7 @@ def _compute(engine: sa.Engine) -> Backend:
             family="sqlite",
             remote=remote,
             in_memory=not remote and engine.url.database in (None, "", ":memory:"),
+            embedded_replica=engine in _EMBEDDED_REPLICAS,
             insert=sqlite.insert,
             bulk_insert=bulk,
             skips_conflicts=True,
@@ -102,6 +115,7 @@ def _compute(engine: sa.Engine) -> Backend:
             family="postgresql",
             remote=True,
             in_memory=False,
+            embedded_replica=False,
             insert=postgresql.insert,
             bulk_insert=BulkInsert.COPY if copy else BulkInsert.EXECUTEMANY,
             # COPY cannot skip conflicting rows, and other drivers' executemany
@@ -121,6 +135,7 @@ def _compute(engine: sa.Engine) -> Backend:
             family="mysql",
             remote=True,
             in_memory=False,
+            embedded_replica=False,
             insert=mysql.insert,
             # PyMySQL rewrites an executemany of INSERT ... VALUES into
             # multi-row statements of up to about 1 MB each.

@@ -19,8 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from evals_orm import _writer
 from evals_orm._backend import Backend, backend_of
 from evals_orm._errors import translated
+from evals_orm.errors import ConfigurationError
 
-__all__ = ["Bind", "backend", "check_bind", "engine_of", "read", "transaction"]
+__all__ = ["Bind", "backend", "check_bind", "check_writable", "engine_of", "read", "transaction"]
 
 Bind = Union[sa.Engine, "sessionmaker[Session]", sa.Connection, Session]
 
@@ -95,6 +96,23 @@ def read(bind: Bind) -> Iterator[sa.Connection]:
                 yield session.connection()
 
 
+def check_writable(engine: sa.Engine) -> None:
+    """Refuse at once a write of the services (or a migration) through an embedded replica.
+
+    The driver forwards a replica's writes statement by statement to the
+    primary, outside this process's writer slot of the primary: a writer on
+    the primary's Engine and one on the replica's, in one process, stall each
+    other until the server aborts one (measured: "Transaction timed-out").
+    Only the primary's own Engine keeps the services' guarantees.
+    """
+    if backend_of(engine).embedded_replica:
+        raise ConfigurationError(
+            "evals_orm does not write through an embedded replica: "
+            "write through an engine on the primary's URL (the replica's sync_url), "
+            "then evals_orm.sync the replica"
+        )
+
+
 @contextmanager
 def transaction(bind: Bind) -> Iterator[sa.Connection]:
     """Yield a Connection in a write transaction of its own, or in a savepoint of the caller's.
@@ -106,6 +124,7 @@ def transaction(bind: Bind) -> Iterator[sa.Connection]:
     committed or rolled back here.
     """
     engine = engine_of(bind)
+    check_writable(engine)
     options = backend_of(engine).write_options
     with translated():
         if isinstance(bind, Session):

@@ -18,7 +18,7 @@ from uuid import UUID
 import attrs
 import sqlalchemy as sa
 
-from evals_orm import _demo, _render
+from evals_orm import _demo, _render, sync
 from evals_orm._errors import translate
 from evals_orm._ingest import IngestReport, ingest
 from evals_orm.converters import dumps, structure
@@ -34,6 +34,8 @@ __all__ = ["main"]
 PROG = "evals-orm"
 URL_ENV = "EVALS_ORM_DATABASE_URL"
 TOKEN_ENV = "EVALS_ORM_AUTH_TOKEN"
+SYNC_URL_ENV = "EVALS_ORM_SYNC_URL"
+KEY_ENV = "EVALS_ORM_ENCRYPTION_KEY"
 DEFAULT_URL = "sqlite+libsql:///evals.db"
 
 EXIT_OK = 0
@@ -70,15 +72,22 @@ class _Parser(argparse.ArgumentParser):
 @attrs.define
 class _Context:
     url: str
-    auth_token: str | None
+    auth_token: str | None = attrs.field(repr=False)
     json: bool
     progress: _render.Progress
+    sync_url: str | None = None
+    encryption_key: str | None = attrs.field(default=None, repr=False)
     _engine: sa.Engine | None = None
 
     @property
     def engine(self) -> sa.Engine:
         if self._engine is None:
-            self._engine = create_engine(self.url, auth_token=self.auth_token)
+            self._engine = create_engine(
+                self.url,
+                auth_token=self.auth_token,
+                sync_url=self.sync_url,
+                encryption_key=self.encryption_key,
+            )
         return self._engine
 
     def close(self) -> None:
@@ -347,6 +356,20 @@ def _parser() -> _Parser:
         help=f"auth token of a remote libSQL database (default: ${TOKEN_ENV})",
     )
     common.add_argument(
+        "--sync-url",
+        default=argparse.SUPPRESS,
+        metavar="URL",
+        help=f"make the --url libSQL file an embedded replica of this primary "
+        f"(default: ${SYNC_URL_ENV})",
+    )
+    common.add_argument(
+        "--encryption-key",
+        default=argparse.SUPPRESS,
+        metavar="KEY",
+        help=f"key of an encrypted libSQL file (default: ${KEY_ENV}); prefer the "
+        "variable: a key on the command line is visible in the process list",
+    )
+    common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="write JSON to stdout"
     )
 
@@ -410,7 +433,24 @@ def _parser() -> _Parser:
     checkpoints.add_argument("--latest", action="store_true", help="only the newest checkpoint")
 
     command(commands, "demo", _cmd_demo, "load a sample stream and show it")
+    command(commands, "sync", _cmd_sync, "pull the primary's changes into an embedded replica")
     return parser
+
+
+# --- sync ----------------------------------------------------------------------------
+
+
+def _cmd_sync(_args: argparse.Namespace, ctx: _Context) -> int:
+    if ctx.sync_url is None:
+        raise UsageError(f"sync needs the primary's URL: pass --sync-url or set ${SYNC_URL_ENV}")
+    # The driver's report (None from libsql-experimental) as text JSON can hold.
+    reported = sync(ctx.engine)
+    report = None if reported is None else str(reported)
+    if ctx.json:
+        _render.print_json({"synced": True, "replica": ctx.url, "driver_report": report})
+    else:
+        print(f"synced {ctx.url} from its primary (the driver reported {report or 'nothing'})")
+    return EXIT_OK
 
 
 # --- main ----------------------------------------------------------------------------
@@ -437,6 +477,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             auth_token=getattr(args, "auth_token", None) or os.environ.get(TOKEN_ENV) or None,
             json=getattr(args, "json", False),
             progress=progress,
+            sync_url=getattr(args, "sync_url", None) or os.environ.get(SYNC_URL_ENV) or None,
+            encryption_key=(
+                getattr(args, "encryption_key", None) or os.environ.get(KEY_ENV) or None
+            ),
         )
         code = args.handler(args, ctx)
         sys.stdout.flush()

@@ -28,6 +28,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePoo
 from sqlalchemy.util import await_
 
 from evals_orm._aiolibsql import BUSY_TIMEOUT_MS, AsyncLibsqlDialect
+from evals_orm._backend import mark_embedded_replica
 from evals_orm._writer import install as install_writer_slot
 from evals_orm.errors import ConfigurationError, DatabaseError
 
@@ -161,6 +162,7 @@ def create_engine(
     engine = _build(sa.create_engine, target, engine_kwargs)
     if target.sync_url is not None:
         _REPLICAS[engine] = target.secrets
+        mark_embedded_replica(engine)
     # Before any connection: the host application's own writes queue for the
     # writer slot too (see evals_orm._writer).
     install_writer_slot(engine)

@@ -25,6 +25,7 @@ from alembic.autogenerate.api import AutogenContext
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 
+from evals_orm._tx import check_writable, engine_of
 from evals_orm.engine import create_engine
 from evals_orm.models import metadata
 
@@ -145,6 +146,7 @@ def upgrade(
         if sql:
             command.upgrade(_config(bind, output or sys.stdout), revision, sql=True)
         else:
+            check_writable(engine_of(bind))
             command.upgrade(_config(bind), revision)
 
 
@@ -156,6 +158,7 @@ def downgrade(
 ) -> None:
     """Downgrade the database to ``revision`` (``"base"`` drops every evals_orm table)."""
     with _bound(engine_or_url, auth_token) as bind, _host_context_kept():
+        check_writable(engine_of(bind))
         command.downgrade(_config(bind), revision)
 
 
