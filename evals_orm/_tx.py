@@ -16,7 +16,7 @@ from typing import Union
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from evals_orm import _writer
+from evals_orm import _revision, _writer
 from evals_orm._backend import Backend, backend_of
 from evals_orm._errors import translated
 
@@ -77,10 +77,11 @@ def read(bind: Bind) -> Iterator[sa.Connection]:
     """Yield a Connection for reads; driver errors become ``DatabaseError``."""
     with translated():
         if isinstance(bind, sa.Connection):
-            yield bind
+            yield _checked(bind.engine, bind)
             return
         if isinstance(bind, Session):
-            yield _session_connection(bind)
+            connection = _session_connection(bind)
+            yield _checked(connection.engine, connection)
             return
         engine = engine_of(bind)
         active = _ACTIVE.get()
@@ -89,10 +90,10 @@ def read(bind: Bind) -> Iterator[sa.Connection]:
             return
         if isinstance(bind, sa.Engine):
             with bind.connect() as connection:
-                yield connection
+                yield _checked(engine, connection)
         else:
             with bind() as session:
-                yield session.connection()
+                yield _checked(engine, session.connection())
 
 
 @contextmanager
@@ -130,7 +131,13 @@ def transaction(bind: Bind) -> Iterator[sa.Connection]:
                 yield from _activated(engine, session.connection(execution_options=options))
 
 
+def _checked(engine: sa.Engine, connection: sa.Connection) -> sa.Connection:
+    _revision.check(engine, connection)
+    return connection
+
+
 def _activated(engine: sa.Engine, connection: sa.Connection) -> Iterator[sa.Connection]:
+    _revision.check(engine, connection)
     token = _ACTIVE.set((engine, connection))
     try:
         yield connection

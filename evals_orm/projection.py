@@ -38,7 +38,7 @@ from evals_orm._rows import (
 )
 from evals_orm.domain import Checkpoint, StudyStatus
 from evals_orm.errors import DatabaseError, ProjectionError
-from evals_orm.eventlog import LogReader, SqlEventLog
+from evals_orm.eventlog import LogReader, SqlEventLog, unstorable
 from evals_orm.events import (
     CheckpointRecorded,
     StoredEvalEvent,
@@ -115,6 +115,10 @@ def _fold(batch: _Batch, stored: StoredEvalEvent) -> None:
     state = batch.studies.get(study_id)
     if state is not None and event_id <= state.last_event_id:
         return
+    if isinstance(event, (StudyCreated, CheckpointRecorded)):
+        reason = unstorable(event)
+        if reason is not None:
+            raise ProjectionError(event_id, reason)
     if isinstance(event, StudyCreated):
         if state is not None:
             raise ProjectionError(event_id, f"study {study_id} already exists")
