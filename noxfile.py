@@ -61,9 +61,10 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmark the projection against the raw driver and a naive ORM loop."""
+    """Benchmark the projection against the raw driver and a naive ORM loop, then decoding."""
     session.install(".[testing]")
     session.run("python", "benchmarks/bench.py", *session.posargs)
+    session.run("python", "benchmarks/decode.py")
 
 
 @nox.session

@@ -141,10 +141,11 @@ def _copy_rows(connection: sa.Connection, table: sa.Table, rows: Rows) -> None:
     names = list(rows[0])
     columns = _processors(dialect, table, names)
     quote = dialect.identifier_preparer.quote
-    statement = (
-        f"COPY {dialect.identifier_preparer.format_table(table)} "
-        f"({', '.join(quote(name) for name in names)}) FROM STDIN"
-    )
+    # COPY is raw SQL, which the engine's schema_translate_map does not reach.
+    translate = connection.get_execution_options().get("schema_translate_map") or {}
+    schema = translate.get(table.schema, table.schema)
+    target = quote(table.name) if schema is None else f"{quote(schema)}.{quote(table.name)}"
+    statement = f"COPY {target} ({', '.join(quote(name) for name in names)}) FROM STDIN"
     driver_connection = connection.connection.driver_connection
     assert driver_connection is not None
     try:

@@ -29,13 +29,21 @@ _TOKEN_QUERY_KEYS = ("authToken", "auth_token")
 _TRUE = ("1", "true", "yes", "on")
 
 
-def create_engine(url: str | URL, *, auth_token: str | None = None, **engine_kwargs: Any) -> Engine:
+def create_engine(
+    url: str | URL,
+    *,
+    auth_token: str | None = None,
+    schema: str | None = None,
+    **engine_kwargs: Any,
+) -> Engine:
     """Create an Engine for SQLite, libSQL (embedded or remote) or PostgreSQL.
 
     File databases on SQLite/libSQL get foreign keys, WAL and a busy timeout;
     an in-memory URL gives one database shared by every connection; remote
     libSQL gets a real connection pool. ``auth_token`` (or an ``authToken``
     query parameter) is sent as a bearer token and never kept in the URL.
+    ``schema`` (PostgreSQL only) puts every evals_orm object, the migrations'
+    version table included, in that schema.
     """
     try:
         parsed = make_url(url)
@@ -58,10 +66,16 @@ def create_engine(url: str | URL, *, auth_token: str | None = None, **engine_kwa
     elif scheme in ("sqlite+libsql", "libsql", "https", "http", "wss", "ws"):
         engine = _libsql_remote_engine(parsed, auth_token, engine_kwargs)
     elif scheme in ("postgresql", "postgres", "postgresql+psycopg"):
+        if schema is not None:
+            engine_kwargs = _in_schema(schema, engine_kwargs)
         engine = sa.create_engine(parsed.set(drivername="postgresql+psycopg"), **engine_kwargs)
     else:
         raise ConfigurationError(
             f"unsupported database URL scheme {scheme!r}; expected {_SUPPORTED}"
+        )
+    if schema is not None and engine.dialect.name != "postgresql":
+        raise ConfigurationError(
+            "a schema is only supported on PostgreSQL, not on SQLite or libSQL"
         )
     if auth_token is not None and not (engine.dialect.driver == "libsql" and engine.url.host):
         raise ConfigurationError("auth_token is only used with a remote libSQL URL")
@@ -70,6 +84,15 @@ def create_engine(url: str | URL, *, auth_token: str | None = None, **engine_kwa
     # writer slot too (see evals_orm._writer).
     install_writer_slot(engine)
     return engine
+
+
+def _in_schema(schema: str, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Add the execution option that sends every unqualified table to ``schema``."""
+    if not schema:
+        raise ConfigurationError("the schema name must not be empty")
+    options = {**engine_kwargs.get("execution_options", {})}
+    options["schema_translate_map"] = {None: schema}
+    return {**engine_kwargs, "execution_options": options}
 
 
 def _sqlite_engine(url: URL, engine_kwargs: dict[str, Any]) -> Engine:

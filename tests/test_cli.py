@@ -167,8 +167,11 @@ def test_db_commands_migrate_and_an_unmigrated_schema_says_what_to_run(database:
     assert "run `evals-orm db upgrade`" in failed.stderr
 
     upgraded = run("db", "upgrade", database=database)
-    assert (0, "upgraded the database to revision 0001\n") == (upgraded.code, upgraded.stdout)
-    assert "0001" == migrations.current(database.url, auth_token=database.auth_token)
+    assert (0, "upgraded the database to revision evals_orm_0001\n") == (
+        upgraded.code,
+        upgraded.stdout,
+    )
+    assert "evals_orm_0001" == migrations.current(database.url, auth_token=database.auth_token)
 
     downgraded = run("db", "downgrade", "base", "--json", database=database)
     assert (0, {"revision": None}) == (downgraded.code, downgraded.json())

@@ -1,11 +1,14 @@
 """Create the studies/checkpoints projection, the event log and tracking.
 
-Revision ID: 0001
+Revision ID: evals_orm_0001
 Revises:
 Create Date: 2026-11-26
 
 Types are spelled out per backend (not imported from evals_orm.types), so
 this revision stays what it is whatever the package's types become.
+
+Released as ``0001``; renamed so it cannot collide with a host application's
+own revisions. The environment rewrites the old id in the version table.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0001"
+revision: str = "evals_orm_0001"
 down_revision: str | Sequence[str] | None = None
-branch_labels: str | Sequence[str] | None = None
+branch_labels: str | Sequence[str] | None = ("evals_orm",)
 depends_on: str | Sequence[str] | None = None
 
 PG = "postgresql"
