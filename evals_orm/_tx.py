@@ -75,7 +75,7 @@ def _session_connection(session: Session) -> sa.Connection:
 @contextmanager
 def read(bind: Bind) -> Iterator[sa.Connection]:
     """Yield a Connection for reads; driver errors become ``DatabaseError``."""
-    with translated():
+    with translated(engine_of(bind)):
         if isinstance(bind, sa.Connection):
             yield _checked(bind.engine, bind)
             return
@@ -108,7 +108,7 @@ def transaction(bind: Bind) -> Iterator[sa.Connection]:
     """
     engine = engine_of(bind)
     options = backend_of(engine).write_options
-    with translated():
+    with translated(engine):
         if isinstance(bind, Session):
             with bind.begin_nested():
                 yield from _activated(engine, bind.connection())
