@@ -290,10 +290,11 @@ class SqlEventLog:
 
 
 def _describe_ahead(millis: int) -> str:
-    days = millis // 86_400_000
-    if days >= 1:
-        return f"{days} days" if days > 1 else "1 day"
-    return str(timedelta(milliseconds=millis))
+    seconds = round(millis / 1000)
+    days = seconds // 86_400
+    if days:
+        return "1 day" if days == 1 else f"{days} days"
+    return str(timedelta(seconds=seconds))
 
 
 class LogReader(Iterator[StoredEvalEvent]):
