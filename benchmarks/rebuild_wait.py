@@ -87,8 +87,12 @@ def measure(server: Server, size: int, workdir: Path) -> list[object]:
         assert "ready\n" == process.stdout.readline()
         time.sleep(0.5)
         began = time.monotonic()
-        SqlEvalProjection(engine).rebuild(log)
-        rebuild_seconds = time.monotonic() - began
+        try:
+            SqlEvalProjection(engine).rebuild(log)
+        except EvalsError as error:
+            outcome = f"failed after {time.monotonic() - began:.1f} s: {error}"
+        else:
+            outcome = f"{time.monotonic() - began:.2f}"
         time.sleep(0.5)
         stop.touch()
         output, _ = process.communicate(timeout=600)
@@ -100,7 +104,7 @@ def measure(server: Server, size: int, workdir: Path) -> list[object]:
     return [
         server.backend,
         logged,
-        round(rebuild_seconds, 2),
+        outcome,
         len(waits),
         round(statistics.median(waits), 4) if waits else "-",
         round(worst, 2),

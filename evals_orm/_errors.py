@@ -35,6 +35,7 @@ _UNREACHABLE = re.compile(
 _CANNOT_OPEN = re.compile(
     r"unable to open database file|readonly database|read-only file system", re.IGNORECASE
 )
+_ABORTED = re.compile(r"TRANSACTION_TIMEOUT|transaction timed out", re.IGNORECASE)
 _DISK_FULL = re.compile(r"database or disk is full|no space left on device", re.IGNORECASE)
 _CORRUPT = re.compile(
     r"database disk image is malformed|file is not a database|database corrupt", re.IGNORECASE
@@ -83,6 +84,12 @@ _RULES: tuple[tuple[re.Pattern[str], type[DatabaseError], str], ...] = (
         _UNAUTHORIZED,
         CredentialsError,
         "the database refused the credentials ({message}); check the auth token or password",
+    ),
+    (
+        _ABORTED,
+        DatabaseError,
+        "the libSQL server aborted the transaction, which kept other writers waiting too "
+        "long ({message}); run it again",
     ),
     (
         _UNREACHABLE,

@@ -576,3 +576,38 @@ def _snapshot(engine: sa.Engine) -> tuple[list[Any], int]:
     storage = SqlEvalStorage(engine)
     studies = storage.list_studies()
     return studies, sum(storage.checkpoint_counts().values())
+
+
+@pytest.mark.parametrize("command", ["ingest", "rebuild"])
+def test_a_postgresql_connection_killed_during_a_long_command_is_one_sentence(
+    backend: str, database: Database, migrated: sa.Engine, command: str, tmp_path: Path
+) -> None:
+    """A server-side kill of the session mid-COPY ends the command in one sentence, exit 1."""
+    if backend != "postgresql":
+        pytest.skip("pg_terminate_backend is PostgreSQL's")
+    events = list(long_stream(60_000))
+    if command == "rebuild":
+        SqlEventLog(migrated).append(events)
+    source = tmp_path / "events.jsonl"
+    source.write_text(_lines(events), encoding="utf-8")
+    started = start(
+        *([command, str(source)] if command == "ingest" else [command]), database=database
+    )
+    others = "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    with migrated.connect() as connection:
+        deadline = time.monotonic() + 30
+        while not connection.execute(sa.text(f"SELECT count(*) {others}")).scalar_one():
+            assert time.monotonic() < deadline, "the command never connected"
+            # pg_stat_activity is a snapshot per transaction.
+            connection.rollback()
+            time.sleep(0.05)
+        connection.rollback()
+        time.sleep(1)
+        assert started[0].poll() is None, "the command ended before its session was killed"
+        killed = connection.execute(
+            sa.text(f"SELECT count(pg_terminate_backend(pid)) {others}")
+        ).scalar_one()
+    assert 0 < killed
+    result = finish(started)
+    assert 1 == result.code
+    _one_sentence(result.stderr)
