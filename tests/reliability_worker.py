@@ -5,7 +5,8 @@ auth token, if any, in ``EVALS_ORM_AUTH_TOKEN``. It prints one line at the end:
 
 - ``writer``: ``appended N worst S`` - events appended (each in its own
   inline-projected transaction) and the longest append in seconds;
-- ``rebuild``: ``rebuilt N`` - how many rebuilds from the log it ran;
+- ``rebuild``: ``rebuilt N longest S`` - how many rebuilds from the log it
+  ran, and the longest in seconds;
 - ``reader``: ``read N shrank K`` - reads, and how many saw fewer studies than
   a read before (a half-built projection).
 """
@@ -59,10 +60,13 @@ def _writer(log: SqlEventLog, projection: SqlEvalProjection, until: float) -> st
 
 def _rebuilder(log: SqlEventLog, projection: SqlEvalProjection, until: float) -> str:
     rebuilt = 0
+    longest = 0.0
     while time.monotonic() < until:
+        began = time.monotonic()
         projection.rebuild(log)
+        longest = max(longest, time.monotonic() - began)
         rebuilt += 1
-    return f"rebuilt {rebuilt}"
+    return f"rebuilt {rebuilt} longest {longest:.3f}"
 
 
 def _reader(storage: SqlEvalStorage, until: float) -> str:

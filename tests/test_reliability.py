@@ -532,17 +532,13 @@ def test_a_libsql_server_killed_during_a_long_command_is_one_sentence(
 
 LOAD_WORKER = Path(__file__).with_name("reliability_worker.py")
 LOAD_SECONDS = 8
-# The longest an append may wait behind a rebuild of this test's log (a few
-# thousand events). Rebuilds still hold the projection lock while they
-# replay, so the wait grows with the log; README "Reliability" has the figures.
-WORST_APPEND_WAIT = 5.0
 
 
 @pytest.mark.slow
 def test_writers_a_rebuild_loop_and_a_reader_lose_nothing(
     database: Database, migrated: sa.Engine
 ) -> None:
-    """Three writers, a rebuild loop and a reader: every append lands, waits stay bounded."""
+    """Three writers, a rebuild loop and a reader: every append lands, none waits for long."""
     SqlEventLog(migrated).append(long_stream(3000))
     environment = {**os.environ, **database.env()}
     roles = ["writer", "writer", "writer", "rebuild", "reader"]
@@ -569,7 +565,11 @@ def test_writers_a_rebuild_loop_and_a_reader_lose_nothing(
     live = _snapshot(migrated)
     projection.rebuild(log)
     assert live == _snapshot(migrated)
-    assert worst < WORST_APPEND_WAIT, f"an append waited {worst:.2f} s"
+    # A rebuild still replays the log holding the projection lock, so an
+    # append waits for the rebuild under way and the writers queued before it
+    # (README "Reliability"); it must never wait for rebuilds one after another.
+    longest_rebuild = float(lines[3][3])
+    assert worst < 2 * longest_rebuild + 2, f"an append waited {worst:.2f} s"
 
 
 def _snapshot(engine: sa.Engine) -> tuple[list[Any], int]:
