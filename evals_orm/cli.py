@@ -86,7 +86,9 @@ class _Context:
         """Return the engine of a database that exists; never create a database file."""
         path = database_file(self.engine)
         if path is not None and not path.exists():
-            raise DataError(f"there is no database at {path}; create one with `{PROG} db upgrade`")
+            raise DataError(
+                f"there is no database at {path}; run `{PROG} db upgrade` to create one"
+            )
         return self.engine
 
     def close(self) -> None:
@@ -208,9 +210,9 @@ def _show_ingest(
 
 
 def _cmd_ingest(args: argparse.Namespace, ctx: _Context) -> int:
-    ctx.existing_engine()
     inputs = _open_inputs(args.files)
     try:
+        ctx.existing_engine()
         report = _ingest(ctx, inputs, args.max_line_bytes)
     finally:
         _close_inputs(inputs)
