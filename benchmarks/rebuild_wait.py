@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from _stream import events
-from bench import BACKENDS, Server, print_table, rebuild_shape, verdict
+from bench import Server, print_table, rebuild_shape, verdict
 
 from evals_orm import (
     CheckpointRecorded,
@@ -36,6 +36,7 @@ from evals_orm import (
     create_engine,
     uuid7,
 )
+from evals_orm._backend_names import BACKENDS
 from evals_orm.domain import CheckpointId
 from evals_orm.events import uuid7_time
 

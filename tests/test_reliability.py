@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -278,7 +278,7 @@ def test_every_service_refuses_a_database_of_a_newer_release(
     """A revision the package does not know stops every service and command; nothing is written."""
     _stamp(migrated, "zzzz")
     newer = "the database was migrated by a newer evals_orm (revision zzzz); upgrade the package"
-    calls = {
+    calls: dict[str, Callable[[sa.Engine], object]] = {
         "append": lambda engine: SqlEventLog(engine).append(_created(0)),
         "count": lambda engine: SqlEventLog(engine).count(),
         "rebuild": lambda engine: SqlEvalProjection(engine).rebuild([_created(0)]),
@@ -416,7 +416,7 @@ def test_an_over_long_line_is_a_bad_line_and_the_next_ones_go_in(migrated: sa.En
     long_name = _created(1, name="x" * 500)
     lines = _lines([_created(0), long_name, _created(2)]).encode()
     for source in (io.BytesIO(lines), lines.splitlines(keepends=True)):
-        report = ingest(source, SqlEventLog(migrated), max_line_bytes=400)  # type: ignore[arg-type]
+        report = ingest(source, SqlEventLog(migrated), max_line_bytes=400)
         assert [(2, "line longer than 400 bytes")] == [
             (bad.line, bad.reason) for bad in report.invalid
         ]
@@ -513,7 +513,7 @@ def test_a_libsql_server_killed_during_a_long_command_is_one_sentence(
             stderr=subprocess.PIPE,
             text=True,
         )
-        started = (process, None)
+        started: tuple[subprocess.Popen[str], str | None] = (process, None)
     else:
         started = start(
             *([command, str(source)] if command == "ingest" else [command]), database=database
