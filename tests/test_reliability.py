@@ -431,7 +431,14 @@ def test_cli_ingest_of_an_endless_line_holds_little_memory(
     """`ingest /dev/zero` reads on in bounded memory: no MemoryError, no traceback."""
     process, _ = start("ingest", "/dev/zero", "--max-line-bytes", "1000000", database=database)
     try:
-        time.sleep(3)
+        # Once /dev/zero is open, the command is past its imports and reading.
+        deadline = time.monotonic() + 60
+        while not any(
+            os.readlink(fd) == "/dev/zero" for fd in Path(f"/proc/{process.pid}/fd").iterdir()
+        ):
+            assert time.monotonic() < deadline, "the command never opened /dev/zero"
+            time.sleep(0.05)
+        time.sleep(2)
         assert process.poll() is None
         status = Path(f"/proc/{process.pid}/status").read_text()
         peak_kib = int(
