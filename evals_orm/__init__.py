@@ -18,7 +18,7 @@ from evals_orm.domain import (
     uuid7,
     uuid7_at,
 )
-from evals_orm.engine import create_engine
+from evals_orm.engine import create_async_engine, create_engine, sync
 from evals_orm.errors import (
     ConfigurationError,
     CredentialsError,
@@ -85,6 +85,7 @@ __all__ = [
     "TimePeriod",
     "UnreachableError",
     "converter",
+    "create_async_engine",
     "create_engine",
     "dumps",
     "ingest",
@@ -92,6 +93,7 @@ __all__ = [
     "metadata",
     "migrations",
     "read_jsonl",
+    "sync",
     "uuid7",
     "uuid7_at",
 ]
