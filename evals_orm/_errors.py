@@ -29,7 +29,8 @@ _UNAUTHORIZED = re.compile(
 _UNREACHABLE = re.compile(
     r"connection refused|could not connect|connection failed|"
     r"failed to connect|name or service not known|unable to open database|"
-    r"error sending request|timed out|dns error",
+    r"error sending request|timed out|dns error|connection reset|broken pipe|"
+    r"server closed the connection",
     re.IGNORECASE,
 )
 _CANNOT_OPEN = re.compile(
