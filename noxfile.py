@@ -61,10 +61,11 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmark the projection against the raw driver and a naive ORM loop, then decoding."""
+    """Benchmark the projection against the raw driver and a naive ORM loop, decoding, waits."""
     session.install(".[testing]")
     session.run("python", "benchmarks/bench.py", *session.posargs)
     session.run("python", "benchmarks/decode.py")
+    session.run("python", "benchmarks/rebuild_wait.py")
 
 
 @nox.session

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO
 
 import attrs
 
@@ -12,10 +13,16 @@ from evals_orm.eventlog import InvalidLine, SqlEventLog
 from evals_orm.events import StoredEvalEvent
 from evals_orm.projection import SqlEvalProjection
 
-__all__ = ["IngestReport", "ingest"]
+__all__ = ["MAX_LINE_BYTES", "IngestReport", "ingest"]
 
 BATCH = 500
-_REJECTED = (ProjectionError, EventConflictError, EventOrderError)
+# Longer lines are bad lines, read without holding them whole: no event
+# needs more (a checkpoint naming ten thousand sessions is under 1 MiB), and
+# a remote libSQL server refuses a batch holding a value of tens of MiB.
+MAX_LINE_BYTES = 4 * 1024 * 1024
+_REJECTED = (ProjectionError, EventConflictError, EventOrderError, InvalidEventError)
+# Bytes read at a time while skipping the rest of an over-long line.
+_SKIP = 1 << 16
 
 
 @attrs.frozen
@@ -38,7 +45,7 @@ class IngestReport:
 
 
 def ingest(
-    lines: Iterable[str | bytes],
+    lines: Iterable[str | bytes] | IO[str] | IO[bytes],
     log: SqlEventLog,
     projection: SqlEvalProjection | None = None,
     *,
@@ -46,6 +53,7 @@ def ingest(
     on_invalid: Callable[[InvalidLine], None] | None = None,
     on_line: Callable[[int], None] | None = None,
     batch_size: int = BATCH,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> IngestReport:
     """Append the ``StoredEvalEvent`` JSON lines to ``log`` (and project them); report.
 
@@ -54,11 +62,15 @@ def ingest(
     that is not a valid event, or that the log or the projection rejects,
     is left out - nothing of it is written - and reported as an
     ``InvalidLine`` (with ``source`` and its line number), to ``on_invalid``
-    too, in line order, as each batch is done. ``on_line`` gets the count of
+    too, in line order, as each batch is done. So is a line longer than
+    ``max_line_bytes`` (characters, for a text stream): read from a stream,
+    it is skipped without being held whole. ``on_line`` gets the count of
     lines read so far after each line (for progress displays).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if max_line_bytes < 1:
+        raise ValueError(f"max_line_bytes must be at least 1, got {max_line_bytes}")
     if projection is not None:
         # Inline projection only keeps up if the projection already has the log.
         projection.catch_up(log)
@@ -88,12 +100,16 @@ def ingest(
         invalid.extend(pending)
         pending.clear()
 
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
+    for number, line in enumerate(_bounded_lines(lines, max_line_bytes), start=1):
+        if line is not None and not line.strip():
             continue
         read += 1
         try:
-            batch.append((number, loads(line)))
+            if line is None:
+                raise InvalidEventError(f"line longer than {max_line_bytes} bytes")
+            stored = loads(line)
+            log.validate(stored)
+            batch.append((number, stored))
         except InvalidEventError as error:
             pending.append(InvalidLine(source, number, str(error)))
         if len(batch) >= batch_size:
@@ -102,3 +118,29 @@ def ingest(
             on_line(read)
     flush()
     return IngestReport(read, new, tuple(invalid))
+
+
+def _bounded_lines(
+    lines: Iterable[str | bytes] | IO[str] | IO[bytes], limit: int
+) -> Iterator[str | bytes | None]:
+    """Yield the lines, ``None`` for each one longer than ``limit`` (its newline not counted).
+
+    From a stream, at most ``limit`` + 1 bytes of a line are held: the rest
+    of a longer one is read in small pieces and dropped.
+    """
+    if not hasattr(lines, "readline"):
+        for line in lines:
+            yield None if len(line) - _ends_line(line) > limit else line
+        return
+    stream: IO[str] | IO[bytes] = lines  # type: ignore[assignment]
+    while line := stream.readline(limit + 1):
+        if len(line) <= limit or _ends_line(line):
+            yield line
+            continue
+        while line and not _ends_line(line):
+            line = stream.readline(_SKIP)
+        yield None
+
+
+def _ends_line(line: str | bytes) -> bool:
+    return line.endswith(b"\n" if isinstance(line, bytes) else "\n")  # type: ignore[arg-type]

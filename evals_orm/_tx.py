@@ -16,7 +16,7 @@ from typing import Union
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from evals_orm import _writer
+from evals_orm import _revision, _writer
 from evals_orm._backend import Backend, backend_of
 from evals_orm._errors import translated
 from evals_orm.errors import ConfigurationError
@@ -76,12 +76,13 @@ def _session_connection(session: Session) -> sa.Connection:
 @contextmanager
 def read(bind: Bind) -> Iterator[sa.Connection]:
     """Yield a Connection for reads; driver errors become ``DatabaseError``."""
-    with translated():
+    with translated(engine_of(bind)):
         if isinstance(bind, sa.Connection):
-            yield bind
+            yield _checked(bind.engine, bind)
             return
         if isinstance(bind, Session):
-            yield _session_connection(bind)
+            connection = _session_connection(bind)
+            yield _checked(connection.engine, connection)
             return
         engine = engine_of(bind)
         active = _ACTIVE.get()
@@ -90,10 +91,10 @@ def read(bind: Bind) -> Iterator[sa.Connection]:
             return
         if isinstance(bind, sa.Engine):
             with bind.connect() as connection:
-                yield connection
+                yield _checked(engine, connection)
         else:
             with bind() as session:
-                yield session.connection()
+                yield _checked(engine, session.connection())
 
 
 def check_writable(engine: sa.Engine) -> None:
@@ -126,7 +127,7 @@ def transaction(bind: Bind) -> Iterator[sa.Connection]:
     engine = engine_of(bind)
     check_writable(engine)
     options = backend_of(engine).write_options
-    with translated():
+    with translated(engine):
         if isinstance(bind, Session):
             with bind.begin_nested():
                 yield from _activated(engine, bind.connection())
@@ -149,7 +150,13 @@ def transaction(bind: Bind) -> Iterator[sa.Connection]:
                 yield from _activated(engine, session.connection(execution_options=options))
 
 
+def _checked(engine: sa.Engine, connection: sa.Connection) -> sa.Connection:
+    _revision.check(engine, connection)
+    return connection
+
+
 def _activated(engine: sa.Engine, connection: sa.Connection) -> Iterator[sa.Connection]:
+    _revision.check(engine, connection)
     token = _ACTIVE.set((engine, connection))
     try:
         yield connection

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -19,8 +20,8 @@ import attrs
 import sqlalchemy as sa
 
 from evals_orm import _demo, _render, sync
-from evals_orm._errors import translate
-from evals_orm._ingest import IngestReport, ingest
+from evals_orm._errors import database_file, translate
+from evals_orm._ingest import MAX_LINE_BYTES, IngestReport, ingest
 from evals_orm.converters import dumps, structure
 from evals_orm.domain import StudyId, StudyStatus
 from evals_orm.engine import create_engine
@@ -90,6 +91,15 @@ class _Context:
             )
         return self._engine
 
+    def existing_engine(self) -> sa.Engine:
+        """Return the engine of a database that exists; never create a database file."""
+        path = database_file(self.engine)
+        if path is not None and not path.exists():
+            raise DataError(
+                f"there is no database at {path}; run `{PROG} db upgrade` to create one"
+            )
+        return self.engine
+
     def close(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
@@ -126,6 +136,7 @@ def _cmd_db_downgrade(args: argparse.Namespace, ctx: _Context) -> int:
 
 
 def _cmd_db_current(_args: argparse.Namespace, ctx: _Context) -> int:
+    ctx.existing_engine()
     return _report_revision(ctx, "the database is at revision")
 
 
@@ -170,7 +181,11 @@ def _close_inputs(opened: Iterable[tuple[str, IO[bytes], int | None]]) -> None:
             stream.close()
 
 
-def _ingest(ctx: _Context, inputs: Iterable[tuple[str, IO[bytes], int | None]]) -> IngestReport:
+def _ingest(
+    ctx: _Context,
+    inputs: Iterable[tuple[str, IO[bytes], int | None]],
+    max_line_bytes: int = MAX_LINE_BYTES,
+) -> IngestReport:
     log = SqlEventLog(ctx.engine)
     projection = SqlEvalProjection(ctx.engine)
     report = IngestReport()
@@ -182,6 +197,7 @@ def _ingest(ctx: _Context, inputs: Iterable[tuple[str, IO[bytes], int | None]]) 
             source=name,
             on_invalid=ctx.progress.print_above,
             on_line=_show_ingest(ctx.progress, name, stream, size, report.read),
+            max_line_bytes=max_line_bytes,
         )
     ctx.progress.clear()
     return report
@@ -205,7 +221,8 @@ def _show_ingest(
 def _cmd_ingest(args: argparse.Namespace, ctx: _Context) -> int:
     inputs = _open_inputs(args.files)
     try:
-        report = _ingest(ctx, inputs)
+        ctx.existing_engine()
+        report = _ingest(ctx, inputs, args.max_line_bytes)
     finally:
         _close_inputs(inputs)
     bad = len(report.invalid)
@@ -231,7 +248,7 @@ def _cmd_ingest(args: argparse.Namespace, ctx: _Context) -> int:
 
 
 def _cmd_rebuild(_args: argparse.Namespace, ctx: _Context) -> int:
-    log = SqlEventLog(ctx.engine)
+    log = SqlEventLog(ctx.existing_engine())
     total = log.count()
 
     def show(done: int) -> None:
@@ -250,7 +267,7 @@ def _cmd_rebuild(_args: argparse.Namespace, ctx: _Context) -> int:
 
 
 def _cmd_studies(args: argparse.Namespace, ctx: _Context) -> int:
-    storage = SqlEvalStorage(ctx.engine)
+    storage = SqlEvalStorage(ctx.existing_engine())
     if args.status is None:
         studies = storage.list_studies()
     else:
@@ -267,7 +284,7 @@ def _cmd_checkpoints(args: argparse.Namespace, ctx: _Context) -> int:
     end: datetime = args.end or _LATEST
     if start > end:
         raise UsageError("--from must not be later than --to")
-    storage = SqlEvalStorage(ctx.engine)
+    storage = SqlEvalStorage(ctx.existing_engine())
     study_id = StudyId(args.study_id)
     if storage.get_study(study_id) is None:
         raise DataError(f"no study {study_id}")
@@ -321,6 +338,16 @@ def _cmd_demo(_args: argparse.Namespace, ctx: _Context) -> int:
 
 
 # --- the parser --------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
 
 
 def _study_id(text: str) -> UUID:
@@ -404,6 +431,13 @@ def _parser() -> _Parser:
         commands, "ingest", _cmd_ingest, "append JSON Lines of events to the log and project them"
     )
     ingest.add_argument("files", nargs="+", metavar="FILE", help='JSON Lines file ("-": stdin)')
+    ingest.add_argument(
+        "--max-line-bytes",
+        type=_positive,
+        default=MAX_LINE_BYTES,
+        metavar="N",
+        help=f"longer lines are bad lines (default: {MAX_LINE_BYTES})",
+    )
 
     command(commands, "rebuild", _cmd_rebuild, "rebuild the projection from the log")
 
@@ -456,9 +490,9 @@ def _cmd_sync(_args: argparse.Namespace, ctx: _Context) -> int:
 # --- main ----------------------------------------------------------------------------
 
 
-def _database_message(error: sa.exc.SQLAlchemyError) -> str:
+def _database_message(error: sa.exc.SQLAlchemyError, engine: sa.Engine | None) -> str:
     if isinstance(error, sa.exc.DBAPIError):
-        return str(translate(error))  # the same wording as the services' errors
+        return str(translate(error, engine))  # the same wording as the services' errors
     return str(error).strip().splitlines()[0]
 
 
@@ -467,6 +501,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):
         # A terminal that cannot show a sparkline or a name gets "?", not a traceback.
         sys.stdout.reconfigure(errors="replace")
+    # Errors reach the user as one sentence: log records of the libraries
+    # (psycopg ending a COPY on a dead server, a pool failing to reset a dead
+    # connection) must not reach Python's last-resort handler on stderr.
+    logging.getLogger().addHandler(logging.NullHandler())
     progress = _render.Progress(sys.stderr)
     ctx: _Context | None = None
     code, message = EXIT_OK, ""
@@ -496,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, EvalsError, OSError) as error:
         code, message = EXIT_DATA, str(error)
     except sa.exc.SQLAlchemyError as error:
-        code, message = EXIT_DATA, _database_message(error)
+        code, message = EXIT_DATA, _database_message(error, None if ctx is None else ctx._engine)
     finally:
         progress.clear()
         if ctx is not None:

@@ -135,7 +135,7 @@ _KINDS = {
 def describe(value: object) -> str:
     """Name a value in an error message: its JSON kind, and the value if it is short."""
     kind = _KINDS.get(type(value), type(value).__name__)
-    if isinstance(value, (dict, list, tuple)):
+    if value is None or isinstance(value, (dict, list, tuple)):
         return kind
     text = repr(value)
     if len(text) > 60:

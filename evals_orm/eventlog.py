@@ -8,7 +8,9 @@ never see an event commit below it later.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Protocol
 from uuid import UUID
@@ -20,14 +22,55 @@ from evals_orm import _bulk, _locks, _tx
 from evals_orm._iter import batched
 from evals_orm.converters import dumps, loads, written_decoder
 from evals_orm.errors import EvalsError, EventConflictError, EventOrderError, InvalidEventError
-from evals_orm.events import EvalEvent, StoredEvalEvent
+from evals_orm.events import CheckpointRecorded, EvalEvent, StoredEvalEvent, StudyCreated
 from evals_orm.models import EventRow
 
-__all__ = ["InlineProjection", "InvalidLine", "LogReader", "SqlEventLog", "read_jsonl"]
+__all__ = [
+    "MAX_CLOCK_SKEW",
+    "InlineProjection",
+    "InvalidLine",
+    "LogReader",
+    "SqlEventLog",
+    "read_jsonl",
+    "unstorable",
+]
 
 LOG = "log"
 _CHUNK = 1000
 _decode_payload = written_decoder(EvalEvent)
+
+# How far ahead of this clock an appended event_id may be dated. An id from
+# the future blocks its study until the clock gets there (every later event
+# of the study is "not newer"), so the allowance bounds that harm; hosts kept
+# by NTP agree to milliseconds, and five minutes is the tolerance Kerberos
+# has long used by default for clocks that were never synchronised.
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+
+
+def unstorable(event: EvalEvent) -> str | None:
+    """Say why no backend can store ``event`` (a string holding U+0000), else ``None``.
+
+    PostgreSQL's text and jsonb cannot hold U+0000 and embedded libSQL cuts a
+    string at it, so such an event is refused on every backend alike.
+    """
+    texts: list[tuple[str, str | None]]
+    if isinstance(event, StudyCreated):
+        config = event.config
+        texts = [("name", event.name), ("config.description", config.description)]
+        texts += [(f"config.tags[{index}]", tag) for index, tag in enumerate(config.tags)]
+        for key, value in config.metadata.items():
+            texts += [("config.metadata key", key), (f"config.metadata.{key}", value)]
+    elif isinstance(event, CheckpointRecorded):
+        texts = [
+            (f"sessions_included[{index}]", session)
+            for index, session in enumerate(event.sessions_included)
+        ]
+    else:
+        return None
+    for path, text in texts:
+        if text is not None and "\x00" in text:
+            return f"its event.{path} contains U+0000, which PostgreSQL and libSQL cannot store"
+    return None
 
 
 class InlineProjection(Protocol):
@@ -59,8 +102,30 @@ class SqlEventLog:
     savepoint of the caller's transaction, which it never ends).
     """
 
-    def __init__(self, bind: _tx.Bind) -> None:
+    def __init__(self, bind: _tx.Bind, *, max_clock_skew: timedelta = MAX_CLOCK_SKEW) -> None:
+        if max_clock_skew < timedelta(0):
+            raise ValueError(f"max_clock_skew must not be negative, got {max_clock_skew}")
         self.bind = _tx.check_bind(bind)
+        self.max_clock_skew = max_clock_skew
+
+    def validate(self, stored: StoredEvalEvent) -> None:
+        """Raise ``InvalidEventError`` if ``append`` refuses ``stored`` whatever the log holds.
+
+        Refused: an ``event_id`` dated more than ``max_clock_skew`` ahead of
+        this clock, and a string holding U+0000 (no backend stores it alike).
+        """
+        reason = unstorable(stored.event)
+        if reason is not None:
+            raise InvalidEventError(f"event {stored.event_id} is refused: {reason}")
+        # The id's 48-bit millisecond time, compared as integers: an id can
+        # carry a time past the year 9999, which no datetime holds.
+        ahead = (stored.event_id.int >> 80) - time.time_ns() // 1_000_000
+        if ahead > self.max_clock_skew // timedelta(milliseconds=1):
+            raise InvalidEventError(
+                f"event {stored.event_id} is dated {_describe_ahead(ahead)} ahead of this "
+                f"clock, more than the allowed {self.max_clock_skew}; stamp it again "
+                "on a host whose clock is right"
+            )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({_tx.engine_of(self.bind)!r})"
@@ -148,6 +213,7 @@ class SqlEventLog:
             )
         new: list[tuple[StoredEvalEvent, str]] = []
         for stored in chunk:
+            self.validate(stored)
             payload = dumps(stored.event)
             known = logged.get(stored.event_id)
             if known is not None:
@@ -222,6 +288,14 @@ class SqlEventLog:
                 sa.select(sa.func.count()).select_from(EventRow)
             ).scalar_one()
         return count
+
+
+def _describe_ahead(millis: int) -> str:
+    seconds = round(millis / 1000)
+    days = seconds // 86_400
+    if days:
+        return "1 day" if days == 1 else f"{days} days"
+    return str(timedelta(seconds=seconds))
 
 
 class LogReader(Iterator[StoredEvalEvent]):

@@ -38,7 +38,7 @@ from evals_orm._rows import (
 )
 from evals_orm.domain import Checkpoint, StudyStatus
 from evals_orm.errors import DatabaseError, ProjectionError
-from evals_orm.eventlog import LogReader, SqlEventLog
+from evals_orm.eventlog import LogReader, SqlEventLog, unstorable
 from evals_orm.events import (
     CheckpointRecorded,
     StoredEvalEvent,
@@ -115,6 +115,7 @@ def _fold(batch: _Batch, stored: StoredEvalEvent) -> None:
     state = batch.studies.get(study_id)
     if state is not None and event_id <= state.last_event_id:
         return
+    _require_storable(stored)
     if isinstance(event, StudyCreated):
         if state is not None:
             raise ProjectionError(event_id, f"study {study_id} already exists")
@@ -154,6 +155,12 @@ def _fold(batch: _Batch, stored: StoredEvalEvent) -> None:
         state.last_event_id = event_id
     batch.changed.add(study_id)
     batch.applied += 1
+
+
+def _require_storable(stored: StoredEvalEvent) -> None:
+    reason = unstorable(stored.event)
+    if reason is not None:
+        raise ProjectionError(stored.event_id, reason)
 
 
 def _occurred_at(event_id: UUID) -> datetime:

@@ -692,8 +692,14 @@ def test_concurrent_writers_and_projectors_project_every_event_once(
 def test_golden_lines_come_back_from_the_log_and_jsonl_byte_for_byte(
     migrated: sa.Engine, tmp_path: Path
 ) -> None:
-    """9-digit times, nanosecond durations and `e+` exponents survive append, read and re-ingest."""
-    lines = (Path(__file__).parent / "golden" / "rust_events.jsonl").read_text().splitlines()
+    """9-digit times, nanosecond durations and `e+` exponents survive append, read and re-ingest.
+
+    The golden line whose description holds U+0000 is left out: no backend
+    can project it alike, so the log refuses it (tests/test_reliability.py).
+    """
+    golden = (Path(__file__).parent / "golden" / "rust_events.jsonl").read_text().splitlines()
+    lines = [line for line in golden if "\\u0000" not in line]
+    assert len(golden) - 1 == len(lines)
     source = tmp_path / "rust.jsonl"
     source.write_text("\n".join(lines) + "\n")
     log = SqlEventLog(migrated)
