@@ -27,6 +27,8 @@ __all__ = ["InlineProjection", "InvalidLine", "LogReader", "SqlEventLog", "read_
 
 LOG = "log"
 _CHUNK = 1000
+# The channel an append notifies (PostgreSQL), for followers that LISTEN.
+CHANNEL = "evals_orm_events"
 
 
 class InlineProjection(Protocol):
@@ -111,6 +113,8 @@ class SqlEventLog:
                         connection, [stored for stored, _ in new], self._last_position(connection)
                     )
                 appended += len(new)
+            if appended:
+                _notify(connection)
         return appended
 
     def _new_events(
@@ -221,6 +225,17 @@ class SqlEventLog:
                 sa.select(sa.func.count()).select_from(EventRow)
             ).scalar_one()
         return count
+
+
+def _notify(connection: sa.Connection) -> None:
+    """Tell listening followers that the log grew, where the backend can.
+
+    A NOTIFY sent inside the appending transaction is delivered only when it
+    commits (and never if it rolls back), so a follower never wakes before
+    the events are visible to it.
+    """
+    if _tx.backend(connection.engine).notifies:
+        connection.execute(sa.select(sa.func.pg_notify(CHANNEL, "")))
 
 
 class LogReader(Iterator[StoredEvalEvent]):
