@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import os
+import select
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO
 
 import attrs
 
@@ -12,9 +16,14 @@ from evals_orm.eventlog import InvalidLine, SqlEventLog
 from evals_orm.events import StoredEvalEvent
 from evals_orm.projection import SqlEvalProjection
 
-__all__ = ["IngestReport", "ingest"]
+__all__ = ["FLUSH_AFTER_S", "IngestReport", "ingest", "paced_lines"]
 
 BATCH = 500
+# ``paced_lines``: a line waits at most this long for its batch to be committed.
+FLUSH_AFTER_S = 0.2
+# How often ``paced_lines`` looks at its stop signal while the stream is quiet.
+_STOP_CHECK_S = 0.1
+_READ_SIZE = 1 << 16
 _REJECTED = (ProjectionError, EventConflictError, EventOrderError)
 
 
@@ -38,7 +47,7 @@ class IngestReport:
 
 
 def ingest(
-    lines: Iterable[str | bytes],
+    lines: Iterable[str | bytes | None],
     log: SqlEventLog,
     projection: SqlEvalProjection | None = None,
     *,
@@ -55,7 +64,9 @@ def ingest(
     is left out - nothing of it is written - and reported as an
     ``InvalidLine`` (with ``source`` and its line number), to ``on_invalid``
     too, in line order, as each batch is done. ``on_line`` gets the count of
-    lines read so far after each line (for progress displays).
+    lines read so far after each line (for progress displays). A ``None``
+    among the lines commits the open batch at once: ``paced_lines`` sends
+    one when a line has waited long enough.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -88,7 +99,12 @@ def ingest(
         invalid.extend(pending)
         pending.clear()
 
-    for number, line in enumerate(lines, start=1):
+    number = 0
+    for line in lines:
+        if line is None:
+            flush()
+            continue
+        number += 1
         if not line.strip():
             continue
         read += 1
@@ -102,3 +118,46 @@ def ingest(
             on_line(read)
     flush()
     return IngestReport(read, new, tuple(invalid))
+
+
+def paced_lines(
+    stream: IO[bytes],
+    *,
+    flush_after: float = FLUSH_AFTER_S,
+    stop: Callable[[], bool] | None = None,
+) -> Iterator[bytes | None]:
+    """Yield the lines of a stream as they arrive, and ``None`` to commit what waits.
+
+    For ``ingest`` on a pipe that never ends (a stream consumer): a ``None``
+    follows at most ``flush_after`` seconds after a line was yielded, so the
+    line is committed then, even while the pipe stays open and quiet. The
+    descriptor is read as bytes arrive (``select``), never waiting for a full
+    buffer. Once ``stop()`` is true the lines already read are yielded and
+    the iteration ends, leaving the rest of the stream unread.
+    """
+    fd = stream.fileno()
+    pending = b""
+    deadline: float | None = None  # when the oldest line not yet committed must be
+    while True:
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            deadline = None
+            yield None
+        if stop is not None and stop():
+            return
+        timeout = None if deadline is None else deadline - now
+        if stop is not None:
+            timeout = _STOP_CHECK_S if timeout is None else min(timeout, _STOP_CHECK_S)
+        if not select.select([fd], [], [], timeout)[0]:
+            continue
+        chunk = os.read(fd, _READ_SIZE)
+        if not chunk:
+            if pending:
+                yield pending
+            return
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        if lines and deadline is None:
+            deadline = time.monotonic() + flush_after
+        for line in lines:
+            yield line + b"\n"
