@@ -64,6 +64,8 @@ def bench(session: nox.Session) -> None:
     """Benchmark the projection against the raw driver and a naive ORM loop."""
     session.install(".[testing]")
     session.run("python", "benchmarks/bench.py", *session.posargs)
+    # Issue 19: a follower's latency and idle CPU (its own script: it runs processes).
+    session.run("python", "benchmarks/follow_latency.py")
 
 
 @nox.session

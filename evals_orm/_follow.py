@@ -13,6 +13,7 @@ never holds a writer out. Between looks it waits:
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,13 @@ _STOP_CHECK_S = 0.05
 _LISTEN_SLICE_S = 0.5
 # The first poll after the follower applied something, as a share of the poll interval.
 _EAGER_SHARE = 1 / 16
+# A follower watching a file still reads the log every this many polls (in
+# case a change escapes ``stat``, e.g. a file replaced within one tick).
+_UNWATCHED_POLLS = 10
+# How long a database file must be still before ``stat`` alone is trusted:
+# longer than a commit takes from its write to its visibility on a busy
+# machine, and than the tick of the clock that stamps modification times.
+_STILL_NS = 250_000_000
 
 
 class Stopping:
@@ -80,24 +88,24 @@ class Lag:
 def lag(bind: _tx.Bind, log: SqlEventLog, name: str, applied: int) -> Lag:
     """Read the projection's position (tracking row ``name``) against the end of ``log``.
 
-    Two short reads, no lock: an idle follower must not keep writers out.
+    One short read where both share an Engine (else two), and no lock: an
+    idle follower must not keep writers out.
     """
-    with _tx.read(bind) as connection:
-        position: int = (
-            connection.execute(
-                sa.select(TrackingRow.position).where(TrackingRow.name == name)
-            ).scalar_one_or_none()
-            or 0
-        )
+    tracked = sa.select(TrackingRow.position).where(TrackingRow.name == name).scalar_subquery()
+    position: sa.ColumnElement[int] = sa.func.coalesce(tracked, 0)
+    if _tx.engine_of(bind) is not _tx.engine_of(log.bind):
+        with _tx.read(bind) as connection:
+            position = sa.literal(connection.execute(sa.select(position)).scalar_one())
     with _tx.read(log.bind) as connection:
-        last, newest = connection.execute(
+        reached, last, newest = connection.execute(
             sa.select(
+                position,
                 sa.select(sa.func.max(EventRow.position)).scalar_subquery(),
                 sa.select(EventRow.event_id).where(EventRow.position == position).scalar_subquery(),
             )
         ).one()
     newest_at = None if newest is None else uuid7_time(newest)
-    return Lag(applied, max((last or 0) - position, 0), newest_at)
+    return Lag(applied, max((last or 0) - reached, 0), newest_at)
 
 
 def is_transient(error: DatabaseError) -> bool:
@@ -142,17 +150,66 @@ class Waiter(Protocol):
         ...
 
 
-class _Poller:
-    """Polls: soon after activity, then doubling up to the poll interval while idle."""
+class _FileWatch:
+    """Tells whether a local database file (or its WAL) may have changed, from ``stat`` alone.
 
-    def __init__(self, interval: float, stopping: Stopping) -> None:
+    Every commit writes the WAL (or, without one, the file), so an unchanged
+    size, inode and modification time mean nothing was committed: a poll
+    then costs a system call instead of a query. But a commit writes the
+    file before it becomes visible (measured: a look right after the write
+    can miss it), and the kernel stamps modification times with a coarse
+    clock; so after the files changed, polls keep counting as changes until
+    they have been still for ``_STILL_NS``.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._paths = (path, f"{path}-wal")
+        self._last = self._signature()
+        self._moving = True
+
+    def _signature(self) -> tuple[tuple[int, int, int] | None, ...]:
+        signature: list[tuple[int, int, int] | None] = []
+        for path in self._paths:
+            try:
+                found = os.stat(path)
+            except OSError:
+                signature.append(None)
+            else:
+                signature.append((found.st_ino, found.st_size, found.st_mtime_ns))
+        return tuple(signature)
+
+    def changed(self) -> bool:
+        """Return whether a commit may have happened since the last call."""
+        signature = self._signature()
+        now = time.time_ns()
+        changed = self._moving or signature != self._last
+        self._moving = signature != self._last or any(
+            found is not None and now - found[2] < _STILL_NS for found in signature
+        )
+        self._last = signature
+        return changed
+
+
+class _Poller:
+    """Polls: soon after activity, then doubling up to the poll interval while idle.
+
+    With a ``_FileWatch``, a poll that finds the files unchanged goes back to
+    sleep; the log is still read at least every ``_UNWATCHED_POLLS`` polls.
+    """
+
+    def __init__(self, interval: float, stopping: Stopping, watch: _FileWatch | None) -> None:
         self._interval = interval
         self._stopping = stopping
+        self._watch = watch
         self._delay = interval
 
     def wait(self) -> None:
-        self._stopping.wait(self._delay)
-        self._delay = min(self._delay * 2, self._interval)
+        for _ in range(_UNWATCHED_POLLS):
+            if self._stopping.wait(self._delay):
+                return
+            self._delay = min(self._delay * 2, self._interval)
+            if self._watch is None or self._watch.changed():
+                return
 
     def active(self) -> None:
         self._delay = self._interval * _EAGER_SHARE
@@ -210,8 +267,12 @@ class _Listener:
 def waiter(log: SqlEventLog, interval: float, stopping: Stopping) -> Iterator[Waiter]:
     """Yield the waiter for ``log``'s backend; it is listening before the first look."""
     engine = _tx.engine_of(log.bind)
-    if not _tx.backend(engine).notifies:
-        yield _Poller(interval, stopping)
+    backend = _tx.backend(engine)
+    if not backend.notifies:
+        local_file = backend.family == "sqlite" and not backend.remote and not backend.in_memory
+        database = engine.url.database
+        watch = _FileWatch(database) if local_file and database else None
+        yield _Poller(interval, stopping, watch)
         return
     listener = _Listener(engine, interval, stopping)
     try:

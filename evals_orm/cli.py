@@ -1,7 +1,9 @@
 """``evals-orm``: migrations, ingest, rebuild, queries and a demo from the command line.
 
 Exit status: 0 on success, 1 on a data error, 2 on a usage error, 130 when
-interrupted. Every error is one sentence on stderr, never a traceback.
+interrupted. ``follow`` and ``ingest`` take SIGINT and SIGTERM as a request to
+stop: they finish the batch in hand and exit with their usual status. Every
+error is one sentence on stderr, never a traceback.
 """
 
 from __future__ import annotations

@@ -424,3 +424,12 @@ def test_ingest_stdin_finishes_its_batch_on_sigterm(
     assert (0, b"") == (process.returncode, stderr)
     assert b"5 events read, 5 new, 0 already logged, 0 bad\n" == stdout
     assert set(studies) == {study.id for study in SqlEvalStorage(migrated).list_studies()}
+
+
+def test_the_readme_service_example_runs(database: Database, migrated: sa.Engine) -> None:
+    """The README's "Running the projection as a service" example runs as written."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Running the projection as a service", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(example, "README.md", "exec"), {"url": database.url_with_token()})
+    assert ["followed"] == [study.name for study in SqlEvalStorage(migrated).list_studies()]
