@@ -369,10 +369,10 @@ def _send(process: subprocess.Popen[bytes], line: str) -> None:
     process.stdin.flush()
 
 
-def _visible(storage: SqlEvalStorage, study: StudyId) -> None:
-    deadline = time.monotonic() + VISIBLE_S
+def _visible(storage: SqlEvalStorage, study: StudyId, within: float = VISIBLE_S) -> None:
+    deadline = time.monotonic() + within
     while storage.get_study(study) is None:
-        assert time.monotonic() < deadline, f"study {study} not visible within {VISIBLE_S} s"
+        assert time.monotonic() < deadline, f"study {study} not visible within {within} s"
         time.sleep(0.01)
 
 
@@ -391,7 +391,8 @@ def test_ingest_stdin_commits_lines_while_the_pipe_stays_open(
         for n in range(3):
             study, line = _created(f"slow-{n}")
             _send(process, line)
-            _visible(storage, study)
+            # The first line also waits for the command to start.
+            _visible(storage, study, PATIENCE_S if n == 0 else VISIBLE_S)
         _send(process, "{not json")
         assert process.stderr is not None
         assert select.select([process.stderr], [], [], VISIBLE_S)[0]
@@ -415,7 +416,7 @@ def test_ingest_stdin_finishes_its_batch_on_sigterm(
             study, line = _created(f"term-{n}")
             studies.append(study)
             _send(process, line)
-        _visible(SqlEvalStorage(migrated), studies[0])
+        _visible(SqlEvalStorage(migrated), studies[0], PATIENCE_S)
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=10)
     finally:
@@ -431,5 +432,5 @@ def test_the_readme_service_example_runs(database: Database, migrated: sa.Engine
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = text.split("## Running the projection as a service", 1)[1]
     example = section.split("```python\n", 1)[1].split("```", 1)[0]
-    exec(compile(example, "README.md", "exec"), {"url": database.url_with_token()})
+    exec(compile(example, "README.md", "exec"), {"url": database.url_with_token})
     assert ["followed"] == [study.name for study in SqlEvalStorage(migrated).list_studies()]
