@@ -1,6 +1,6 @@
 """Sessions: ``tests`` on each backend, ``example``, ``lint``, ``typecheck``, ``bench``, ``demo``.
 
-``nox`` runs lint, typecheck, the tests on all four backends and the example
+``nox`` runs lint, typecheck, the tests on every backend and the example
 host project; the package is installed from the source tree (not imported
 from it) in every session.
 """
@@ -61,9 +61,10 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmark the projection against the raw driver and a naive ORM loop."""
+    """Benchmark the projection against the raw driver and a naive ORM loop, then decoding."""
     session.install(".[testing]")
     session.run("python", "benchmarks/bench.py", *session.posargs)
+    session.run("python", "benchmarks/decode.py")
     # Issue 19: a follower's latency and idle CPU (its own script: it runs processes).
     session.run("python", "benchmarks/follow_latency.py")
 

@@ -52,6 +52,12 @@ _PG_STUDIES = (
 _PG_CHECKPOINTS = (
     f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}) VALUES (%s, %s, %s, %s::jsonb, %s, %s::jsonb)"
 )
+# PyMySQL rewrites an executemany of this form into multi-row INSERTs.
+_MYSQL_STUDIES = f"INSERT INTO studies ({_STUDY_COLUMNS}) VALUES ({', '.join(['%s'] * 10)})"
+_MYSQL_CHECKPOINTS = (
+    f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS.replace('timestamp', '`timestamp`')}) "
+    f"VALUES ({', '.join(['%s'] * 6)})"
+)
 
 _TRANSITIONS = {
     ("pending", StudyStarted): "running",
@@ -122,24 +128,33 @@ def _config_json(config: StudyConfig) -> str:
 
 
 def raw_load(
-    run: ExecuteMany, events: Iterable[StoredEvalEvent], *, postgresql: bool
+    run: ExecuteMany, events: Iterable[StoredEvalEvent], *, dialect: str
 ) -> tuple[int, int]:
     """Insert the final rows of ``events`` with the driver's ``executemany`` (the caller commits).
 
+    ``dialect`` is the Engine's: "sqlite", "postgresql", "mysql" or "mariadb".
     Checkpoint rows are final when seen, so they go out in chunks as the
     stream is read; study rows are kept in a dict and written at the end.
     Return the numbers of study and checkpoint rows written.
     """
     # PostgreSQL takes uuid, timestamptz and numeric as Python values and the
-    # JSON as text cast to jsonb; SQLite/libSQL take the seed schema's text.
-    studies_sql = _PG_STUDIES if postgresql else _SQLITE_STUDIES
-    checkpoints_sql = _PG_CHECKPOINTS if postgresql else _SQLITE_CHECKPOINTS
+    # JSON as text cast to jsonb; MariaDB/MySQL take BINARY(16) bytes and
+    # naive UTC DATETIMEs; SQLite/libSQL take the seed schema's text.
+    postgresql = dialect == "postgresql"
+    mysql = dialect in ("mysql", "mariadb")
+    studies_sql, checkpoints_sql = (
+        (_PG_STUDIES, _PG_CHECKPOINTS)
+        if postgresql
+        else (_MYSQL_STUDIES, _MYSQL_CHECKPOINTS)
+        if mysql
+        else (_SQLITE_STUDIES, _SQLITE_CHECKPOINTS)
+    )
 
     def key(value: UUID) -> object:
-        return value if postgresql else str(value)
+        return value if postgresql else value.bytes if mysql else str(value)
 
     def time(value: datetime) -> object:
-        return value if postgresql else _fixed(value)
+        return value if postgresql else value.replace(tzinfo=None) if mysql else _fixed(value)
 
     studies: dict[UUID, list[Any]] = {}
     chunk: list[tuple[Any, ...]] = []
@@ -274,10 +289,12 @@ def table_digest(engine: sa.Engine) -> tuple[int, int, str]:
     """
     digest = hashlib.sha256()
     counts = []
+    # MySQL has no CAST AS TEXT; its driver's values (bytes, datetime, int, str) compare as well.
+    mysql = engine.dialect.name in ("mysql", "mariadb")
     with engine.connect() as connection:
         for table, columns in (("studies", _STUDY_COLUMNS), ("checkpoints", _CHECKPOINT_COLUMNS)):
             names = [name.strip() for name in columns.split(",")]
-            casts = ", ".join(f'CAST("{name}" AS TEXT)' for name in names)
+            casts = ", ".join(f"`{name}`" if mysql else f'CAST("{name}" AS TEXT)' for name in names)
             rows = connection.exec_driver_sql(f"SELECT {casts} FROM {table} ORDER BY id").all()
             counts.append(len(rows))
             is_json = [name in _JSON_COLUMNS for name in names]

@@ -44,6 +44,7 @@ from typing import Any
 import attrs
 import libsql_experimental
 import psycopg
+import pymysql
 import sqlalchemy as sa
 from _baselines import ExecuteMany, naive_orm, raw_load, table_digest
 from _stream import CLOCK_START, TICK, Shape, events
@@ -57,6 +58,7 @@ DEFAULT_BACKENDS = BACKENDS
 POSTGRES_ADMIN_URL = os.environ.get(
     "EVALS_ORM_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
+MYSQL_ADMIN_URL = os.environ.get("EVALS_ORM_BENCH_MYSQL_URL", "mysql://root@127.0.0.1:3306/")
 
 # Targets of issue #7.
 MAX_OURS_OVER_RAW = 1.5
@@ -111,6 +113,22 @@ class Target:
             with psycopg.connect(self.url) as pg, pg.cursor() as cursor:
                 yield cursor.executemany, pg.commit
             return
+        if self.backend == "mariadb":
+            url = sa.make_url(self.url)
+            my = pymysql.connect(
+                host=url.host,
+                port=url.port or 3306,
+                user=url.username,
+                password=url.password or "",
+                database=url.database,
+                charset="utf8mb4",
+            )
+            try:
+                with my.cursor() as cursor:
+                    yield cursor.executemany, my.commit
+            finally:
+                my.close()
+            return
         if self.backend == "sqlite":
             connection: Any = sqlite3.connect(str(self.path))
         else:
@@ -153,6 +171,12 @@ class Server:
             )
             with self.admin.connect() as connection:
                 connection.exec_driver_sql("SELECT 1")
+        elif self.backend == "mariadb":
+            self.admin = create_engine(
+                MYSQL_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool
+            )
+            with self.admin.connect() as connection:
+                connection.exec_driver_sql("SELECT 1")
         elif self.backend == "libsql-remote":
             self.running_sqld = running_sqld
         return self
@@ -168,6 +192,11 @@ class Server:
             with self.admin.connect() as connection:
                 version = connection.exec_driver_sql("SHOW server_version").scalar()
             return f"PostgreSQL {version}"
+        if self.backend == "mariadb":
+            assert self.admin is not None
+            with self.admin.connect() as connection:
+                version = connection.exec_driver_sql("SELECT VERSION()").scalar()
+            return f"MariaDB {version} through PyMySQL {pymysql.__version__}"
         if self.backend == "libsql-remote":
             return "sqld 0.24.32 on loopback, over HTTP (evals_orm/_sqld.py)"
         return ""
@@ -194,6 +223,18 @@ class Server:
             finally:
                 with self.admin.connect() as connection:
                     connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        elif self.backend == "mariadb":
+            assert self.admin is not None
+            with self.admin.connect() as connection:
+                connection.exec_driver_sql(
+                    f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+                )
+            url = sa.make_url(MYSQL_ADMIN_URL).set(database=name)
+            try:
+                yield Target(self.backend, url.render_as_string(hide_password=False))
+            finally:
+                with self.admin.connect() as connection:
+                    connection.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
         else:
             with self.running_sqld(self.workdir / name) as sqld:
                 yield Target(self.backend, sqld.url, sqld.auth_token)
@@ -264,14 +305,14 @@ def bench_apply(server: Server, shape: Shape, *, repeat: int, profile: bool) -> 
     storing is timed. ``repeat`` > 1 keeps each path's best time.
     """
     stream = list(events(shape))
-    postgresql = server.backend == "postgresql"
 
     def ours(target: Target, engine: sa.Engine) -> float:
         return timed(lambda: SqlEvalProjection(engine).apply_many(stream))
 
     def raw(target: Target, engine: sa.Engine) -> float:
         with target.raw() as (executemany, commit):
-            return timed(lambda: (raw_load(executemany, stream, postgresql=postgresql), commit()))
+            dialect = engine.dialect.name
+            return timed(lambda: (raw_load(executemany, stream, dialect=dialect), commit()))
 
     def naive(target: Target, engine: sa.Engine) -> float:
         return timed(lambda: naive_orm(engine, stream))
@@ -494,9 +535,13 @@ def _projection_seconds(result: dict[str, Any]) -> float:
 def load_raw(target: Target, stream: Iterable[StoredEvalEvent]) -> tuple[int, int]:
     """Load a stream's final rows quickly through the raw driver."""
     with target.raw() as (executemany, commit):
-        counts = raw_load(executemany, stream, postgresql=target.backend == "postgresql")
+        counts = raw_load(executemany, stream, dialect=_dialect_of(target.backend))
         commit()
     return counts
+
+
+def _dialect_of(backend: str) -> str:
+    return {"postgresql": "postgresql", "mariadb": "mysql"}.get(backend, "sqlite")
 
 
 def median_seconds(call: Callable[[], object], calls: int) -> float:

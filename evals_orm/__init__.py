@@ -8,7 +8,10 @@ from evals_orm.converters import converter, dumps, loads
 from evals_orm.domain import (
     Checkpoint,
     CheckpointId,
+    FieldError,
     LongitudinalMetrics,
+    NanoDatetime,
+    NanoTimedelta,
     PeriodType,
     Study,
     StudyConfig,
@@ -18,7 +21,7 @@ from evals_orm.domain import (
     uuid7,
     uuid7_at,
 )
-from evals_orm.engine import create_engine
+from evals_orm.engine import create_async_engine, create_engine, sync
 from evals_orm.errors import (
     ConfigurationError,
     CredentialsError,
@@ -62,10 +65,13 @@ __all__ = [
     "EvalsError",
     "EventConflictError",
     "EventOrderError",
+    "FieldError",
     "IngestReport",
     "InvalidEventError",
     "InvalidLine",
     "LongitudinalMetrics",
+    "NanoDatetime",
+    "NanoTimedelta",
     "PeriodType",
     "ProjectionError",
     "SchemaMissingError",
@@ -85,6 +91,7 @@ __all__ = [
     "TimePeriod",
     "UnreachableError",
     "converter",
+    "create_async_engine",
     "create_engine",
     "dumps",
     "ingest",
@@ -92,6 +99,7 @@ __all__ = [
     "metadata",
     "migrations",
     "read_jsonl",
+    "sync",
     "uuid7",
     "uuid7_at",
 ]

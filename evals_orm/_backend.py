@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from evals_orm.errors import DatabaseError
 
@@ -39,11 +39,12 @@ _NOTIFIED_POLL_S = 5.0
 class Backend:
     """What the services need to know about the database behind an Engine."""
 
-    name: str  # "sqlite", "libsql", "libsql-remote" or "postgresql"
-    family: str  # the dialect's name
+    name: str  # "sqlite", "libsql", "libsql-remote", "postgresql" or "mariadb"
+    family: str  # the dialect's name ("mysql" for MariaDB and MySQL)
     remote: bool
     in_memory: bool
-    # The dialect's ``insert`` construct, the one with ON CONFLICT clauses.
+    # The dialect's ``insert`` construct, the one with ON CONFLICT (or, in
+    # the "mysql" family, ON DUPLICATE KEY UPDATE) clauses.
     insert: Callable[..., Any]
     bulk_insert: BulkInsert
     # Whether ``insert_rows(..., skip_conflicts=True)`` works and counts what it inserted.
@@ -126,5 +127,29 @@ def _compute(engine: sa.Engine) -> Backend:
             # Followers wake on NOTIFY; polling is only the safety net.
             poll_interval=_NOTIFIED_POLL_S,
             notifies=copy,
+        )
+    if dialect.name in ("mysql", "mariadb"):
+        return Backend(
+            # One name for the family: the test matrix runs it on MariaDB.
+            name="mariadb",
+            family="mysql",
+            remote=True,
+            in_memory=False,
+            insert=mysql.insert,
+            # PyMySQL rewrites an executemany of INSERT ... VALUES into
+            # multi-row statements of up to about 1 MB each.
+            bulk_insert=BulkInsert.EXECUTEMANY,
+            # INSERT IGNORE would also turn other errors into warnings, and
+            # with the dialect's FOUND_ROWS flag an ON DUPLICATE KEY no-op
+            # counts as a row: stored checkpoints are looked up first.
+            skips_conflicts=False,
+            batch_size=_BATCH,
+            single_writer=False,
+            any_array=False,
+            # As on PostgreSQL: a writer that waited for a lock row reads what
+            # its predecessor committed; and InnoDB then takes no gap locks on
+            # the rows it scans (REPEATABLE READ would), so writers queue on the
+            # lock row and nowhere else. create_engine makes it the default too.
+            write_options={"isolation_level": "READ COMMITTED"},
         )
     raise DatabaseError(f"the {dialect.name} dialect is not supported by evals_orm")

@@ -5,4 +5,4 @@ Read by ``evals_orm.testing``, the project's tests, benchmarks and ``noxfile.py`
 nothing).
 """
 
-BACKENDS = ("sqlite", "libsql", "libsql-remote", "postgresql")
+BACKENDS = ("sqlite", "libsql", "libsql-remote", "postgresql", "mariadb")

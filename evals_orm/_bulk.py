@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -12,7 +12,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from evals_orm._backend import BulkInsert, backend_of
 
-__all__ = ["insert_rows", "one_of", "upsert"]
+__all__ = ["insert_rows", "one_of", "upsert", "upsert_one"]
 
 # SQLite's limit on the parameters of one statement (SQLITE_MAX_VARIABLE_NUMBER).
 _SQLITE_MAX_PARAMETERS = 32_766
@@ -40,6 +40,27 @@ def _execute_rows(connection: sa.Connection, statement: Any, rows: Rows) -> int:
     return changed
 
 
+def _upsert_statement(
+    connection: sa.Connection,
+    entity: Any,
+    *,
+    key: Sequence[Any],
+    set_: Callable[[Any], Mapping[str, Any]],
+) -> Any:
+    """Return the backend's upsert of ``entity``: on a taken ``key``, set ``set_(new_row)``.
+
+    ``set_`` gets the proposed row's columns (``excluded``, or MySQL's
+    ``inserted``) and returns the assignments. MySQL has no conflict target:
+    its ON DUPLICATE KEY UPDATE fires on any unique key, and the tables have
+    only the one given as ``key``.
+    """
+    backend = backend_of(connection.engine)
+    statement = backend.insert(entity)
+    if backend.family == "mysql":
+        return statement.on_duplicate_key_update(set_(statement.inserted))
+    return statement.on_conflict_do_update(index_elements=list(key), set_=set_(statement.excluded))
+
+
 def upsert(
     connection: sa.Connection,
     entity: Any,
@@ -51,12 +72,35 @@ def upsert(
     """Insert ``rows``, or update the ``update`` columns of those whose ``key`` exists."""
     if not rows:
         return
-    statement = backend_of(connection.engine).insert(entity)
-    statement = statement.on_conflict_do_update(
-        index_elements=list(key),
-        set_={name: statement.excluded[name] for name in update},
+    statement = _upsert_statement(
+        connection, entity, key=key, set_=lambda new: {name: new[name] for name in update}
     )
     _execute_rows(connection, statement, rows)
+
+
+def upsert_one(
+    connection: sa.Connection,
+    entity: Any,
+    values: Mapping[str, Any],
+    *,
+    key: InstrumentedAttribute[Any],
+    set_: Mapping[str, Any],
+    returning: InstrumentedAttribute[Any],
+) -> Any:
+    """Upsert one row (setting ``set_`` if ``key`` exists) and return its ``returning`` column.
+
+    MySQL has no RETURNING on an upsert: the row is read back in the same
+    transaction, which the upsert's row lock keeps from changing meanwhile;
+    a locking read, so a REPEATABLE READ snapshot older than the lock cannot
+    hide its latest committed value.
+    """
+    statement = _upsert_statement(connection, entity, key=[key], set_=lambda _: set_)
+    statement = statement.values(**values)
+    if backend_of(connection.engine).family != "mysql":
+        return connection.execute(statement.returning(returning)).scalar_one()
+    connection.execute(statement)
+    statement = sa.select(returning).where(key == values[key.key]).with_for_update()
+    return connection.execute(statement).scalar_one()
 
 
 def one_of(
@@ -141,10 +185,11 @@ def _copy_rows(connection: sa.Connection, table: sa.Table, rows: Rows) -> None:
     names = list(rows[0])
     columns = _processors(dialect, table, names)
     quote = dialect.identifier_preparer.quote
-    statement = (
-        f"COPY {dialect.identifier_preparer.format_table(table)} "
-        f"({', '.join(quote(name) for name in names)}) FROM STDIN"
-    )
+    # COPY is raw SQL, which the engine's schema_translate_map does not reach.
+    translate = connection.get_execution_options().get("schema_translate_map") or {}
+    schema = translate.get(table.schema, table.schema)
+    target = quote(table.name) if schema is None else f"{quote(schema)}.{quote(table.name)}"
+    statement = f"COPY {target} ({', '.join(quote(name) for name in names)}) FROM STDIN"
     driver_connection = connection.connection.driver_connection
     assert driver_connection is not None
     try:

@@ -19,22 +19,37 @@ from evals_orm.errors import (
 __all__ = ["translate", "translated"]
 
 _MISSING_SCHEMA = re.compile(
-    r"no such table|relation \"?[\w.]+\"? does not exist|UndefinedTable", re.IGNORECASE
-)
-_UNAUTHORIZED = re.compile(
-    r"\b401\b|unauthori[sz]ed|password authentication failed|invalid token|jwt", re.IGNORECASE
-)
-_UNREACHABLE = re.compile(
-    r"connection refused|could not connect|connection failed|"
-    r"failed to connect|name or service not known|unable to open database|"
-    r"error sending request|timed out|dns error",
+    r"no such table|relation \"?[\w.]+\"? does not exist|UndefinedTable|"
+    r"Table '[^']+' doesn't exist",
     re.IGNORECASE,
 )
+_MISSING_DATABASE = re.compile(r"Unknown database '([^']+)'|database \"([^\"]+)\" does not exist")
+_UNAUTHORIZED = re.compile(
+    r"\b401\b|unauthori[sz]ed|password authentication failed|invalid token|jwt|access denied",
+    re.IGNORECASE,
+)
+_UNREACHABLE = re.compile(
+    r"connection refused|could not connect|connection failed|can't connect|"
+    r"failed to connect|name or service not known|unable to open database|"
+    r"error sending request|timed out|dns error|lost connection|server has gone away",
+    re.IGNORECASE,
+)
+# PyMySQL's messages are the tuple ``(code, "text")``: only the text is shown.
+_MYSQL_MESSAGE = re.compile(r"^\((\d+), [\"'](.*)[\"']\)$")
 
 
 def translate(error: Exception) -> DatabaseError:
     """Return the ``DatabaseError`` that tells the user what to do about a driver error."""
     message = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+    mysql = _MYSQL_MESSAGE.match(message)
+    if mysql is not None:
+        message = f"{mysql[2]} (error {mysql[1]})"
+    missing_database = _MISSING_DATABASE.search(message)
+    if missing_database is not None:
+        return UnreachableError(
+            f"the database {missing_database[1] or missing_database[2]!r} does not exist; "
+            "create it, or check the database name in the URL"
+        )
     if _MISSING_SCHEMA.search(message):
         return SchemaMissingError(
             "the evals_orm tables are missing from this database; "

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from evals_orm import _writer
-from evals_orm._backend import backend_of
+from evals_orm import _bulk, _writer
 from evals_orm.models import TrackingRow
 
 __all__ = ["lock", "set_position"]
@@ -16,15 +15,19 @@ def lock(connection: sa.Connection, name: str) -> int:
 
     The lock is a row of ``eval_tracking`` written by an upsert: it is the
     first write of the transaction, so SQLite takes its write lock up front
-    (no deadlock on a later lock upgrade) and PostgreSQL locks the row.
+    (no deadlock on a later lock upgrade) and PostgreSQL and InnoDB lock the
+    row (InnoDB's ON DUPLICATE KEY takes an exclusive lock even where it
+    changes nothing, so waiters queue instead of deadlocking on shared ones).
     """
-    statement = backend_of(connection.engine).insert(TrackingRow).values(name=name, position=0)
-    statement = statement.on_conflict_do_update(
-        index_elements=[TrackingRow.name],
-        set_={"position": TrackingRow.position},
-    ).returning(TrackingRow.position)
     _writer.before_lock(connection, name)
-    position: int = connection.execute(statement).scalar_one()
+    position: int = _bulk.upsert_one(
+        connection,
+        TrackingRow,
+        {"name": name, "position": 0},
+        key=TrackingRow.name,
+        set_={"position": TrackingRow.position},
+        returning=TrackingRow.position,
+    )
     _writer.locked(connection, name)
     return position
 

@@ -11,12 +11,11 @@ import sqlalchemy as sa
 
 from evals_orm.domain import (
     Checkpoint,
-    CheckpointId,
     PeriodType,
     Study,
     StudyConfig,
-    StudyId,
     StudyStatus,
+    unchecked_constructor,
 )
 from evals_orm.models import CheckpointRow, StudyRow
 
@@ -34,31 +33,19 @@ STUDY_COLUMNS = tuple(getattr(StudyRow, field.name) for field in attrs.fields(St
 CHECKPOINT_COLUMNS = tuple(getattr(CheckpointRow, field.name) for field in attrs.fields(Checkpoint))
 
 
+# Rows of the package's tables hold values that were valid when written.
+_study = unchecked_constructor(Study)
+_checkpoint = unchecked_constructor(Checkpoint)
+
+
 def study_from_row(row: sa.Row[Any]) -> Study:
     """Build a ``Study`` from a row of ``STUDY_COLUMNS``."""
-    return Study(
-        id=StudyId(row.id),
-        name=row.name,
-        status=row.status,
-        period_type=row.period_type,
-        period_value=row.period_value,
-        config=row.config,
-        created_at=row.created_at,
-        started_at=row.started_at,
-        stopped_at=row.stopped_at,
-    )
+    return _study(*row)
 
 
 def checkpoint_from_row(row: sa.Row[Any]) -> Checkpoint:
     """Build a ``Checkpoint`` from a row of ``CHECKPOINT_COLUMNS``."""
-    return Checkpoint(
-        id=CheckpointId(row.id),
-        study_id=StudyId(row.study_id),
-        timestamp=row.timestamp,
-        metrics=row.metrics,
-        events_analyzed=row.events_analyzed,
-        sessions_included=row.sessions_included,
-    )
+    return _checkpoint(*row)
 
 
 def checkpoint_values(checkpoint: Checkpoint) -> dict[str, Any]:

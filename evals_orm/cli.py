@@ -97,7 +97,7 @@ class _Context:
 # --- db ----------------------------------------------------------------------
 
 
-def _migrate(ctx: _Context, direction: str, revision: str) -> None:
+def _migrate(ctx: _Context, direction: str, revision: str, **options: Any) -> None:
     """Run ``migrations.upgrade``/``downgrade``; an unknown revision is a usage error."""
     # Alembic is imported only by the commands that migrate: it is slow to load.
     from alembic.util import CommandError  # noqa: PLC0415 - see above
@@ -105,12 +105,16 @@ def _migrate(ctx: _Context, direction: str, revision: str) -> None:
     from evals_orm import migrations  # noqa: PLC0415 - it imports Alembic
 
     try:
-        getattr(migrations, direction)(ctx.engine, revision)
+        getattr(migrations, direction)(ctx.engine, revision, **options)
     except CommandError as error:
         raise UsageError(f"cannot {direction} to {revision!r}: {error}") from None
 
 
 def _cmd_db_upgrade(args: argparse.Namespace, ctx: _Context) -> int:
+    if args.sql:
+        # Only the SQL on stdout, so it can be piped into psql or sqlite3.
+        _migrate(ctx, "upgrade", args.revision, sql=True)
+        return EXIT_OK
     _migrate(ctx, "upgrade", args.revision)
     return _report_revision(ctx, "upgraded the database to revision")
 
@@ -523,6 +527,11 @@ def _parser() -> _Parser:
     db_commands = db.add_subparsers(title="commands", metavar="COMMAND", required=True)
     upgrade = command(db_commands, "upgrade", _cmd_db_upgrade, "upgrade the schema")
     upgrade.add_argument("revision", nargs="?", default="head", metavar="REV")
+    upgrade.add_argument(
+        "--sql",
+        action="store_true",
+        help="print the SQL script for the URL's database, run nothing",
+    )
     downgrade = command(db_commands, "downgrade", _cmd_db_downgrade, "downgrade the schema")
     downgrade.add_argument("revision", metavar="REV", help='target revision ("base": no tables)')
     command(db_commands, "current", _cmd_db_current, "show the schema's revision")

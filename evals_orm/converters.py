@@ -40,6 +40,8 @@ from evals_orm.domain import (
     StudyConfig,
     TimePeriod,
     describe,
+    unchecked_constructor,
+    unchecked_uuid,
 )
 from evals_orm.errors import InvalidEventError
 from evals_orm.events import (
@@ -57,10 +59,12 @@ __all__ = [
     "configure_converter",
     "converter",
     "dumps",
+    "encoder",
     "loads",
     "make_converter",
     "structure",
     "unstructure",
+    "written_decoder",
 ]
 
 T = TypeVar("T")
@@ -151,10 +155,12 @@ def _structure_datetime(value: Any, _: Any) -> datetime:
     except OverflowError:
         reason = f"timestamp {value!r} is outside the years 1..9999 a Python datetime holds"
         raise FieldError("", reason) from None
-    if nanosecond:
-        fields = moment.timetuple()[:6]
-        return NanoDatetime(*fields, moment.microsecond, _UTC, nanosecond=nanosecond)
-    return moment
+    return _with_nanosecond(moment, nanosecond) if nanosecond else moment
+
+
+def _with_nanosecond(moment: datetime, nanosecond: int) -> NanoDatetime:
+    fields = moment.timetuple()[:6]
+    return NanoDatetime(*fields, moment.microsecond, _UTC, nanosecond=nanosecond)
 
 
 def _unstructure_datetime(value: datetime) -> str:
@@ -185,14 +191,17 @@ def _structure_duration(value: Any, _: Any) -> timedelta:
     if type(nanos) is not int or not 0 <= nanos < _NANOS_PER_SECOND:
         reason = f"nanoseconds must be an integer in 0..999999999, got {describe(nanos)}"
         raise FieldError("[1]", reason)
-    micros, nanosecond = divmod(nanos, 1000)
     try:
-        if nanosecond:
-            return NanoTimedelta(seconds, micros, nanosecond=nanosecond)
-        return timedelta(seconds=seconds, microseconds=micros)
+        return _duration(seconds, nanos)
     except OverflowError:
         reason = f"duration of {seconds} s is out of range (a timedelta holds ±999999999 days)"
         raise FieldError("", reason) from None
+
+
+def _duration(seconds: int, nanos: int) -> timedelta:
+    if nanos % 1000:
+        return NanoTimedelta(seconds, nanos // 1000, nanosecond=nanos % 1000)
+    return timedelta(0, seconds, nanos // 1000)
 
 
 def _unstructure_duration(value: timedelta) -> list[int]:
@@ -350,23 +359,35 @@ def _tag_first(
     return unstructure_event
 
 
+_FIXED_UNSTRUCTURE = (datetime, timedelta, tuple[str, ...])
+
+
 def _register_class(conv: cattrs.Converter, cls: type[Any]) -> None:
     # Generated functions look up the hooks of their fields' types when they
     # are made, so classes are registered after the classes they hold. A
     # float field's own converter (int to float) and validator (finite) do
     # all the work, so its JSON value goes straight in; the other converted
     # fields (datetimes, string tuples, maps) are parsed by their type's hook.
+    fields = attrs.fields(attrs.resolve_types(cls))
     hooks: dict[str, Any] = {
         field.name: override(struct_hook=conv.get_structure_hook(field.type))
-        for field in attrs.fields(attrs.resolve_types(cls))
+        for field in fields
         if field.converter is not None and field.type is not float
     }
     structure_fn: Callable[[Any, Any], Any] = make_dict_structure_fn(
         cls, conv, _cattrs_prefer_attrib_converters=True, **hooks
     )
     conv.register_structure_hook(cls, _object_hook(cls, structure_fn))
+    # Without a fixed hook cattrs looks one up by each value's class, on
+    # every call; the hooks of these types take their subclasses too
+    # (NanoDatetime, NanoTimedelta) and the classes have none.
+    unstructure_hooks: dict[str, Any] = {
+        field.name: override(unstruct_hook=conv.get_unstructure_hook(field.type))
+        for field in fields
+        if field.type in _FIXED_UNSTRUCTURE or attrs.has(field.type)
+    }
     unstructure_fn: Callable[[Any], dict[str, Any]] = make_dict_unstructure_fn(
-        cls, conv, _cattrs_omit_if_default=cls is StudyConfig
+        cls, conv, _cattrs_omit_if_default=cls is StudyConfig, **unstructure_hooks
     )
     tag = _TAGS.get(cls)
     conv.register_unstructure_hook(
@@ -417,6 +438,8 @@ def configure_converter(conv: cattrs.Converter) -> None:
     conv.register_unstructure_hook(UUID, str)
     conv.register_structure_hook(PeriodType, _structure_period_type)
     conv.register_unstructure_hook(PeriodType, lambda member: member.value)
+    # A list of the strings as they are (cattrs would unstructure each one).
+    conv.register_unstructure_hook_func(partial(operator.eq, tuple[str, ...]), list)
     # Generic aliases and optionals are no classes: cattrs matches them by a predicate.
     for alias, hook in (
         (tuple[str, ...], _structure_texts),
@@ -470,6 +493,112 @@ def _invalid(exc: Exception) -> InvalidEventError:
     return InvalidEventError(f"{path or 'top level'}: {reason}")
 
 
+# --- JSON the package wrote ------------------------------------------------------
+#
+# The log's payloads and the projection's JSON columns hold only what
+# ``dumps`` wrote from valid objects, so reading them back needs neither
+# serde's strictness nor the classes' validators: orjson parses, and one
+# generated function per class puts the values into their slots.
+
+_fromisoformat = datetime.fromisoformat
+# Length of what _unstructure_datetime writes with nine fraction digits.
+_NANO_TIMESTAMP_LENGTH = len("2000-01-01T00:00:00.000000000Z")
+
+
+def _written_datetime(text: str) -> datetime:
+    # "+00:00" rather than "Z": Python 3.10's fromisoformat knows only offsets.
+    if len(text) < _NANO_TIMESTAMP_LENGTH:
+        return _fromisoformat(text[:-1] + "+00:00")
+    return _with_nanosecond(_fromisoformat(text[:26] + "+00:00"), int(text[26:29]))
+
+
+def _written_duration(value: list[int]) -> timedelta:
+    return _duration(*value)
+
+
+_WRITTEN_SCALARS: dict[Any, Callable[[Any], Any]] = {
+    UUID: unchecked_uuid,
+    datetime: _written_datetime,
+    timedelta: _written_duration,
+    PeriodType: _PERIOD_TYPES.__getitem__,
+    tuple[str, ...]: tuple,
+    # jsonb gives a float that holds an integer back as an integer (1e20 as
+    # 100000000000000000000), so the float is made again.
+    float: float,
+}
+# JSON values that already are what the field holds.
+_WRITTEN_AS_PARSED = (int, str, int | None, str | None, Mapping[str, str])
+_WRITTEN: dict[Any, Callable[[Any], Any]] = {}
+
+
+def _written_hook(field_type: Any) -> Callable[[Any], Any] | None:
+    field_type = getattr(field_type, "__supertype__", field_type)  # the NewType ids
+    if field_type in _WRITTEN_AS_PARSED:
+        return None
+    if field_type in _WRITTEN_SCALARS:
+        return _WRITTEN_SCALARS[field_type]
+    return _WRITTEN[field_type]
+
+
+def _written_builder(cls: type[Any]) -> Callable[[Any], Any]:
+    """Generate the function building a ``cls`` from the JSON object ``dumps`` wrote."""
+    namespace: dict[str, Any] = {"_make": unchecked_constructor(cls)}
+    arguments = []
+    for field in attrs.fields(attrs.resolve_types(cls)):
+        name = field.name
+        value = f"o[{name!r}]"
+        hook = _written_hook(field.type)
+        if hook is not None:
+            namespace[f"_h_{name}"] = hook
+            value = f"_h_{name}({value})"
+        if name in _OPTIONAL.get(cls, ()):
+            default = field.default
+            if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+                namespace[f"_d_{name}"] = default.factory
+                value = f"({value} if {name!r} in o else _d_{name}())"
+            else:
+                namespace[f"_d_{name}"] = default
+                value = f"({value} if {name!r} in o else _d_{name})"
+        arguments.append(value)
+    source = f"def build_{cls.__name__}(o):\n    return _make({', '.join(arguments)})"
+    # Generated from the attrs fields, as cattrs generates its hooks.
+    exec(compile(source, f"<written {cls.__qualname__}>", "exec"), namespace)
+    builder: Callable[[Any], Any] = namespace[f"build_{cls.__name__}"]
+    return builder
+
+
+for _cls in (TimePeriod, StudyConfig, LongitudinalMetrics, Checkpoint, *_TAGS):
+    _WRITTEN[_cls] = _written_builder(_cls)
+_WRITTEN_EVENTS = {tag: _WRITTEN[cls] for cls, tag in _TAGS.items()}
+_WRITTEN[EvalEvent] = lambda obj: _WRITTEN_EVENTS[obj["type"]](obj)
+_WRITTEN[StoredEvalEvent] = _written_builder(StoredEvalEvent)
+_WRITTEN[tuple[str, ...]] = tuple
+
+
+def written_decoder(cls: Any) -> Callable[[Any], Any]:
+    """Return a reader of JSON that ``dumps`` wrote from a ``cls``.
+
+    ``cls`` is one of the converter's classes, ``EvalEvent`` or ``tuple[str, ...]``.
+
+    For the package's own tables: the log's payloads and the projection's
+    JSON columns (text, or jsonb already parsed by the driver). Those values
+    were valid objects when written, so the reader skips serde's checks and
+    the classes' validators; whatever does not have the shape ``dumps``
+    writes (a row edited by hand) goes through ``loads``/``structure``
+    instead, which return it or raise ``InvalidEventError``.
+    """
+    build = _WRITTEN[cls]
+
+    def decode(value: Any) -> Any:
+        is_text = isinstance(value, (str, bytes))
+        try:
+            return build(orjson.loads(value) if is_text else value)
+        except (LookupError, TypeError, ValueError, OverflowError):
+            return loads(value, cls) if is_text else structure(value, cls)
+
+    return decode
+
+
 # --- entry points ---------------------------------------------------------------
 
 
@@ -508,8 +637,19 @@ def dumps(obj: Any, cls: Any = None) -> str:
     ``1.5e+300``). Older serde_json (ryu) wrote ``1e16`` and ``1.5e300``;
     everything else is the same. ``loads`` reads both.
     """
+    return _encode(converter.get_unstructure_hook(obj.__class__ if cls is None else cls), obj)
+
+
+def encoder(cls: Any) -> Callable[[Any], str]:
+    """Return ``dumps`` for values of ``cls``, with the hook of ``cls`` looked up once."""
+    return partial(_encode, converter.get_unstructure_hook(cls))
+
+
+def _encode(hook: Callable[[Any], Any], obj: Any) -> str:
     try:
-        return orjson.dumps(unstructure(obj, cls)).decode()
+        return orjson.dumps(hook(obj)).decode()
+    except (FieldError, BaseValidationError) as exc:
+        raise _invalid(exc) from None
     except orjson.JSONEncodeError as exc:
         raise InvalidEventError(f"cannot write {describe(obj)} as JSON: {exc}") from None
 

@@ -8,8 +8,8 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime, timedelta, timezone
 from datetime import tzinfo as tzinfo_type
-from typing import Any, NewType, SupportsIndex
-from uuid import UUID
+from typing import Any, NewType, SupportsIndex, TypeVar
+from uuid import UUID, SafeUUID
 
 import attrs
 import uuid_utils.compat
@@ -38,9 +38,13 @@ __all__ = [
     "require_u64",
     "to_texts",
     "to_utc",
+    "unchecked_constructor",
+    "unchecked_uuid",
     "uuid7",
     "uuid7_at",
 ]
+
+A = TypeVar("A", bound=attrs.AttrsInstance)
 
 StudyId = NewType("StudyId", UUID)
 CheckpointId = NewType("CheckpointId", UUID)
@@ -75,6 +79,25 @@ def uuid7_at(moment: datetime, random_bits: int | None = None) -> UUID:
         raise ValueError(f"random_bits must be in [0, 2**74), got {random_bits}")
     rand_a, rand_b = random_bits >> 62, random_bits & ((1 << 62) - 1)
     return UUID(int=(unix_ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b)
+
+
+_new_uuid = object.__new__
+_set_uuid_int = UUID.__dict__["int"].__set__
+_set_uuid_is_safe = UUID.__dict__["is_safe"].__set__
+_UUID_SAFETY_UNKNOWN = SafeUUID.unknown  # an enum member lookup costs a call
+
+
+def unchecked_uuid(text: str) -> UUID:
+    """Return the UUID written as ``text`` (hex digits, hyphens anywhere), unchecked.
+
+    For UUIDs the package wrote itself: as ``uuid_utils.compat`` builds
+    stdlib UUIDs, the slots are filled directly, at half the cost of
+    ``UUID(text)``, which validates and normalises the text first.
+    """
+    uuid = _new_uuid(UUID)
+    _set_uuid_int(uuid, int(text.replace("-", ""), 16))
+    _set_uuid_is_safe(uuid, _UUID_SAFETY_UNKNOWN)
+    return uuid
 
 
 def ensure_utc(value: datetime, name: str) -> datetime:
@@ -394,6 +417,28 @@ def _require_text_map(
         _text(item, f"{field.name}.{key}")
 
 
+def unchecked_constructor(cls: type[A]) -> Callable[..., A]:
+    """Return a function building a ``cls`` from its fields, in order, as they are.
+
+    For values that were valid when the package wrote them (rows of its own
+    tables, its own log): the class's converters and validators ran then
+    and are skipped now. The function is generated once per class, as attrs
+    generates ``__init__``, and fills the slots directly (``cls`` must be a
+    slotted attrs class without ``__attrs_post_init__``).
+    """
+    names = [field.name for field in attrs.fields(cls)]
+    # A slot's member descriptor sets it past the frozen class's __setattr__.
+    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+    namespace.update({f"_set_{name}": getattr(cls, name).__set__ for name in names})
+    lines = [f"def unchecked_{cls.__name__}({', '.join(names)}):", "    self = _new(_cls)"]
+    lines += [f"    _set_{name}(self, {name})" for name in names]
+    lines.append("    return self")
+    # Generated from the attrs fields, as attrs generates __init__.
+    exec(compile("\n".join(lines), f"<unchecked {cls.__qualname__}>", "exec"), namespace)
+    constructor: Callable[..., A] = namespace[f"unchecked_{cls.__name__}"]
+    return constructor
+
+
 def require_instance(cls: type[Any]) -> Callable[[object, attrs.Attribute[Any], object], None]:
     """Return a validator accepting only instances of ``cls``."""
 
@@ -544,8 +589,8 @@ class Study:
 class Checkpoint:
     """Metrics of one study recorded at one instant."""
 
-    id: CheckpointId = attrs.field(validator=_require_uuid)
-    study_id: StudyId = attrs.field(validator=_require_uuid)
+    id: CheckpointId = attrs.field(converter=CheckpointId, validator=_require_uuid)
+    study_id: StudyId = attrs.field(converter=StudyId, validator=_require_uuid)
     timestamp: datetime = attrs.field(converter=to_utc, validator=require_aware)
     metrics: LongitudinalMetrics = attrs.field(
         factory=LongitudinalMetrics, validator=require_instance(LongitudinalMetrics)

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from evals_orm import _bulk, _locks, _tx
 from evals_orm._iter import batched
-from evals_orm.converters import dumps, loads
+from evals_orm.converters import dumps, loads, written_decoder
 from evals_orm.errors import EvalsError, EventConflictError, EventOrderError, InvalidEventError
 from evals_orm.events import EvalEvent, StoredEvalEvent
 from evals_orm.models import EventRow
@@ -29,6 +29,7 @@ LOG = "log"
 _CHUNK = 1000
 # The channel an append notifies (PostgreSQL), for followers that LISTEN.
 CHANNEL = "evals_orm_events"
+_decode_payload = written_decoder(EvalEvent)
 
 
 class InlineProjection(Protocol):
@@ -214,7 +215,7 @@ class SqlEventLog:
         with _tx.read(self.bind) as connection:
             rows = connection.execute(statement).all()
         return [
-            (position, StoredEvalEvent(event_id, loads(payload, EvalEvent)))
+            (position, StoredEvalEvent(event_id, _decode_payload(payload)))
             for position, event_id, payload in rows
         ]
 

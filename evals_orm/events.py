@@ -26,6 +26,7 @@ from evals_orm.domain import (
     require_u64,
     to_texts,
     to_utc,
+    unchecked_constructor,
     uuid7,
 )
 
@@ -57,7 +58,7 @@ _require_uuid = require_instance(UUID)
 class StudyCreated:
     """A study was defined; it starts out pending."""
 
-    id: StudyId = attrs.field(validator=_require_uuid)
+    id: StudyId = attrs.field(converter=StudyId, validator=_require_uuid)
     name: str = attrs.field(validator=require_text)
     period_type: PeriodType = attrs.field(validator=require_instance(PeriodType))
     period_value: int | None = attrs.field(default=None, validator=_require_u32)
@@ -73,7 +74,7 @@ class StudyCreated:
 class _Lifecycle:
     """A study changed its status; ``id`` is the study's."""
 
-    id: StudyId = attrs.field(validator=_require_uuid)
+    id: StudyId = attrs.field(converter=StudyId, validator=_require_uuid)
 
     @property
     def study_id(self) -> StudyId:
@@ -101,12 +102,16 @@ class StudyStopped(_Lifecycle):
     """A study was stopped for good."""
 
 
+# This event's fields are valid, so they make a valid checkpoint as they are.
+_checkpoint = unchecked_constructor(Checkpoint)
+
+
 @attrs.frozen
 class CheckpointRecorded:
     """Metrics of a study were recorded at ``timestamp``."""
 
-    id: CheckpointId = attrs.field(validator=_require_uuid)
-    study_id: StudyId = attrs.field(validator=_require_uuid)
+    id: CheckpointId = attrs.field(converter=CheckpointId, validator=_require_uuid)
+    study_id: StudyId = attrs.field(converter=StudyId, validator=_require_uuid)
     timestamp: datetime = attrs.field(converter=to_utc, validator=require_aware)
     metrics: LongitudinalMetrics = attrs.field(
         factory=LongitudinalMetrics, validator=require_instance(LongitudinalMetrics)
@@ -118,7 +123,7 @@ class CheckpointRecorded:
 
     def to_checkpoint(self) -> Checkpoint:
         """Return the checkpoint this event records."""
-        return Checkpoint(
+        return _checkpoint(
             self.id,
             self.study_id,
             self.timestamp,

@@ -11,10 +11,19 @@ from typing import Any
 from uuid import UUID
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from evals_orm.domain import LongitudinalMetrics, PeriodType, StudyConfig, StudyStatus
-from evals_orm.types import GUID, EnumText, UInt32, UInt64, UTCDateTime, WireJSON
+from evals_orm.types import (
+    GUID,
+    MYSQL_DIALECTS,
+    EnumText,
+    UInt32,
+    UInt64,
+    UTCDateTime,
+    WireJSON,
+)
 
 __all__ = [
     "NAMING_CONVENTION",
@@ -36,13 +45,23 @@ NAMING_CONVENTION: dict[str, str] = {
 
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
+# MariaDB/MySQL tables: InnoDB (row locks, MVCC, crash safety), utf8mb4 so
+# every Unicode string round-trips, and a binary collation so text compares
+# as on the other backends. The "mariadb" dialect reads only its own prefix.
+_MYSQL_TABLE: dict[str, str] = {
+    f"{prefix}_{option}": value
+    for prefix in MYSQL_DIALECTS
+    for option, value in (("engine", "InnoDB"), ("charset", "utf8mb4"), ("collate", "utf8mb4_bin"))
+}
+
 
 class Base(DeclarativeBase):
     """Declarative base of evals_orm's tables, on the package's own ``metadata``."""
 
     metadata = metadata
     type_annotation_map: dict[Any, Any] = {  # noqa: RUF012 - SQLAlchemy reads it as a class attribute
-        str: sa.Text(),
+        # MySQL's TEXT holds 64 KiB; the other backends' text has no such limit.
+        str: sa.Text().with_variant(mysql.LONGTEXT(), *MYSQL_DIALECTS),
         int: sa.Integer(),
         UUID: GUID(),
         datetime: UTCDateTime(),
@@ -67,6 +86,8 @@ class StudyRow(Base):
     # in the same statement as the state it produced.
     last_event_id: Mapped[UUID]
 
+    __table_args__ = _MYSQL_TABLE
+
 
 class CheckpointRow(Base):
     """One row per recorded checkpoint."""
@@ -80,7 +101,10 @@ class CheckpointRow(Base):
     events_analyzed: Mapped[int] = mapped_column(UInt64())
     sessions_included: Mapped[tuple[str, ...]] = mapped_column(WireJSON(tuple[str, ...]))
 
-    __table_args__ = (sa.Index("idx_checkpoints_study_time", "study_id", "timestamp"),)
+    __table_args__ = (
+        sa.Index("idx_checkpoints_study_time", "study_id", "timestamp"),
+        _MYSQL_TABLE,
+    )
 
 
 class EventRow(Base):
@@ -97,7 +121,10 @@ class EventRow(Base):
     study_id: Mapped[UUID]
     payload: Mapped[str]
 
-    __table_args__ = (sa.Index("ix_eval_events_study_id_position", "study_id", "position"),)
+    __table_args__ = (
+        sa.Index("ix_eval_events_study_id_position", "study_id", "position"),
+        _MYSQL_TABLE,
+    )
 
 
 class TrackingRow(Base):
@@ -105,5 +132,10 @@ class TrackingRow(Base):
 
     __tablename__ = "eval_tracking"
 
-    name: Mapped[str] = mapped_column(primary_key=True)
+    # A MySQL key cannot be a TEXT column.
+    name: Mapped[str] = mapped_column(
+        sa.Text().with_variant(sa.String(64), *MYSQL_DIALECTS), primary_key=True
+    )
     position: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+
+    __table_args__ = _MYSQL_TABLE

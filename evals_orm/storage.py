@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
+from uuid import UUID
 
 import sqlalchemy as sa
 from typing_extensions import Unpack
@@ -20,7 +21,7 @@ __all__ = ["EvalStorage", "SqlEvalStorage"]
 class EvalStorage(Protocol):
     """Queries over the studies/checkpoints projection, returning domain objects."""
 
-    def get_study(self, id: StudyId) -> Study | None:
+    def get_study(self, id: UUID) -> Study | None:
         """Return the study ``id``, or ``None``."""
         ...
 
@@ -32,16 +33,16 @@ class EvalStorage(Protocol):
         """Return the studies in ``status``, newest ``created_at`` first."""
         ...
 
-    def get_checkpoints(self, study_id: StudyId) -> list[Checkpoint]:
+    def get_checkpoints(self, study_id: UUID) -> list[Checkpoint]:
         """Return the study's checkpoints, oldest ``timestamp`` first."""
         ...
 
-    def get_latest_checkpoint(self, study_id: StudyId) -> Checkpoint | None:
+    def get_latest_checkpoint(self, study_id: UUID) -> Checkpoint | None:
         """Return the study's newest checkpoint, or ``None``."""
         ...
 
     def get_checkpoints_in_range(
-        self, study_id: StudyId, start: datetime, end: datetime
+        self, study_id: UUID, start: datetime, end: datetime
     ) -> list[Checkpoint]:
         """Return the study's checkpoints with ``start <= timestamp < end``, oldest first."""
         ...
@@ -66,7 +67,7 @@ class SqlEvalStorage:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({_tx.engine_of(self.bind)!r})"
 
-    def get_study(self, id: StudyId) -> Study | None:
+    def get_study(self, id: UUID) -> Study | None:
         """Return the study ``id``, or ``None``."""
         statement = sa.select(*STUDY_COLUMNS).where(StudyRow.id == id)
         with _tx.read(self.bind) as connection:
@@ -85,11 +86,11 @@ class SqlEvalStorage:
         )
         return self._studies(statement)
 
-    def get_checkpoints(self, study_id: StudyId) -> list[Checkpoint]:
+    def get_checkpoints(self, study_id: UUID) -> list[Checkpoint]:
         """Return the study's checkpoints, oldest ``timestamp`` first (ties: lowest id)."""
         return self._checkpoints(self._of_study(study_id).order_by(*_CHECKPOINT_ORDER))
 
-    def get_latest_checkpoint(self, study_id: StudyId) -> Checkpoint | None:
+    def get_latest_checkpoint(self, study_id: UUID) -> Checkpoint | None:
         """Return the last checkpoint in ``get_checkpoints`` order, or ``None``."""
         statement = (
             self._of_study(study_id)
@@ -100,7 +101,7 @@ class SqlEvalStorage:
         return found[0] if found else None
 
     def get_checkpoints_in_range(
-        self, study_id: StudyId, start: datetime, end: datetime
+        self, study_id: UUID, start: datetime, end: datetime
     ) -> list[Checkpoint]:
         """Return the study's checkpoints with ``start <= timestamp < end``, oldest first."""
         start = ensure_utc(start, "start")
@@ -121,13 +122,17 @@ class SqlEvalStorage:
             return {StudyId(study_id): count for study_id, count in connection.execute(statement)}
 
     @staticmethod
-    def _of_study(study_id: StudyId) -> _Select:
+    def _of_study(study_id: UUID) -> _Select:
         return sa.select(*CHECKPOINT_COLUMNS).where(CheckpointRow.study_id == study_id)
 
+    # Rows are fetched all at once: iterating a result fetches them one by
+    # one, which costs psycopg as much as decoding them.
     def _studies(self, statement: _Select) -> list[Study]:
         with _tx.read(self.bind) as connection:
-            return [study_from_row(row) for row in connection.execute(statement)]
+            rows = connection.execute(statement).all()
+        return [study_from_row(row) for row in rows]
 
     def _checkpoints(self, statement: _Select) -> list[Checkpoint]:
         with _tx.read(self.bind) as connection:
-            return [checkpoint_from_row(row) for row in connection.execute(statement)]
+            rows = connection.execute(statement).all()
+        return [checkpoint_from_row(row) for row in rows]

@@ -4,7 +4,7 @@ Install ``evals-orm[testing]``; pytest loads the plugin through its ``pytest11``
 entry point (or ``-p evals_orm.testing``). It does nothing until backends are
 selected, with any of (first one set wins)::
 
-    pytest --evals-backend sqlite,libsql,libsql-remote,postgresql   # repeatable
+    pytest --evals-backend sqlite,libsql,libsql-remote,postgresql,mariadb   # repeatable
     EVALS_ORM_TEST_BACKENDS=sqlite,postgresql pytest
     [tool.pytest.ini_options] evals_backends = "sqlite,libsql"
 
@@ -33,7 +33,10 @@ Backends: ``sqlite`` and ``libsql`` are files in the test's ``tmp_path``;
 ``postgresql`` is a database created per test from the admin URL
 (``--evals-postgres-url``, ``EVALS_ORM_TEST_POSTGRES_URL``, ini
 ``evals_postgres_url``; default ``postgresql://postgres@127.0.0.1:5432/test``)
-and dropped ``WITH (FORCE)`` after it; ``libsql-remote`` is one real ``sqld``
+and dropped ``WITH (FORCE)`` after it; ``mariadb`` likewise, from its admin URL
+(``--evals-mysql-url``, ``EVALS_ORM_TEST_MYSQL_URL``, ini ``evals_mysql_url``;
+default ``mysql://root@127.0.0.1:3306/``), each test's database in utf8mb4,
+its URL of the form ``mysql://root@127.0.0.1:3306/<db>``; ``libsql-remote`` is one real ``sqld``
 per test session (per ``pytest-xdist`` worker) on a free loopback port, emptied
 before each test and stopped at the end, its log shown with a failing test. The
 binary is the pinned one of the extra, or the host's (``--evals-sqld``,
@@ -60,11 +63,13 @@ from evals_orm import create_engine, migrations
 from evals_orm._backend_names import BACKENDS
 from evals_orm._sqld import SQLD_ENV_VAR, SqldServer, running_sqld
 
-__all__ = ["BACKENDS", "DEFAULT_POSTGRES_URL", "Database"]
+__all__ = ["BACKENDS", "DEFAULT_MYSQL_URL", "DEFAULT_POSTGRES_URL", "Database"]
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306/"
 BACKENDS_ENV_VAR = "EVALS_ORM_TEST_BACKENDS"
 POSTGRES_ENV_VAR = "EVALS_ORM_TEST_POSTGRES_URL"
+MYSQL_ENV_VAR = "EVALS_ORM_TEST_MYSQL_URL"
 STRICT_ENV_VAR = "EVALS_ORM_REQUIRE_BACKENDS"
 _UNSELECTED_DEFAULT = "sqlite"
 
@@ -119,6 +124,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         f" (default {DEFAULT_POSTGRES_URL})",
     )
     group.addoption(
+        "--evals-mysql-url",
+        help=f"admin URL that creates the per-test MariaDB/MySQL databases; env {MYSQL_ENV_VAR}"
+        f" (default {DEFAULT_MYSQL_URL})",
+    )
+    group.addoption(
         "--evals-sqld",
         metavar="PATH",
         help=f"sqld binary for libsql-remote (default: the pinned one); env {SQLD_ENV_VAR}",
@@ -131,6 +141,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("evals_backends", "evals_orm backends to run on (comma list)", default="")
     parser.addini("evals_postgres_url", "admin URL for the PostgreSQL test databases")
+    parser.addini("evals_mysql_url", "admin URL for the MariaDB/MySQL test databases")
     parser.addini("evals_sqld", "sqld binary for libsql-remote")
     parser.addini("evals_strict", "fail instead of skip unavailable backends", type="bool")
 
@@ -220,6 +231,27 @@ def _evals_postgres_admin(request: pytest.FixtureRequest) -> Iterator[sa.Engine]
     admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def _evals_mysql_admin(request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
+    config = request.config
+    url = (
+        config.getoption("--evals-mysql-url")
+        or os.environ.get(MYSQL_ENV_VAR)
+        or config.getini("evals_mysql_url")
+        or DEFAULT_MYSQL_URL
+    )
+    admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    try:
+        with admin.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+    except (sa.exc.DBAPIError, evals_orm.EvalsError) as error:
+        admin.dispose()
+        shown = admin.url.render_as_string(hide_password=True)
+        _unavailable(config, f"mariadb: {shown} is unreachable: {getattr(error, 'orig', error)}")
+    yield admin
+    admin.dispose()
+
+
 @pytest.fixture
 def evals_database(
     request: pytest.FixtureRequest, evals_backend: str, tmp_path: Path
@@ -233,6 +265,8 @@ def evals_database(
         request.node.stash[_sqld_key] = server
         server.reset()
         yield Database(evals_backend, server.url, server.auth_token)
+    elif evals_backend == "mariadb":
+        yield from _mysql_database(request.getfixturevalue("_evals_mysql_admin"))
     else:
         yield from _postgresql_database(request.getfixturevalue("_evals_postgres_admin"))
 
@@ -318,3 +352,18 @@ def _postgresql_database(admin: sa.Engine) -> Iterator[Database]:
     finally:
         with admin.connect() as connection:
             connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _mysql_database(admin: sa.Engine) -> Iterator[Database]:
+    name = f"evals_orm_test_{uuid.uuid4().hex}"
+    with admin.connect() as connection:
+        connection.exec_driver_sql(
+            f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        )
+    # The URL form a user writes: mysql://user@host/db, PyMySQL by default.
+    url = admin.url.set(drivername=admin.url.get_backend_name(), database=name, query={})
+    try:
+        yield Database("mariadb", url.render_as_string(hide_password=False))
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")

@@ -3,7 +3,7 @@
 The plugin parametrizes every database test by backend and makes its
 databases: ``sqlite`` and ``libsql`` files, one ``sqld`` per worker for
 ``libsql-remote`` (with a JWT, so ``database.auth_token`` is set), a database
-per test for ``postgresql``. All four run unless ``--evals-backend`` (alias
+per test for ``postgresql`` and ``mariadb``. All five run unless ``--evals-backend`` (alias
 ``--backend``) or ``EVALS_ORM_TEST_BACKENDS`` narrows them; CI sets
 ``EVALS_ORM_REQUIRE_BACKENDS=1`` so an unavailable backend fails, not skips.
 """

@@ -167,8 +167,11 @@ def test_db_commands_migrate_and_an_unmigrated_schema_says_what_to_run(database:
     assert "run `evals-orm db upgrade`" in failed.stderr
 
     upgraded = run("db", "upgrade", database=database)
-    assert (0, "upgraded the database to revision 0001\n") == (upgraded.code, upgraded.stdout)
-    assert "0001" == migrations.current(database.url, auth_token=database.auth_token)
+    assert (0, "upgraded the database to revision evals_orm_0001\n") == (
+        upgraded.code,
+        upgraded.stdout,
+    )
+    assert "evals_orm_0001" == migrations.current(database.url, auth_token=database.auth_token)
 
     downgraded = run("db", "downgrade", "base", "--json", database=database)
     assert (0, {"revision": None}) == (downgraded.code, downgraded.json())
@@ -385,7 +388,7 @@ USAGE_ERRORS = [
         "--from must not be later than --to",
     ),
     (["ingest", "missing.jsonl"], "cannot read missing.jsonl: No such file or directory"),
-    (["--url", "mysql://localhost/x", "studies"], "unsupported database URL scheme"),
+    (["--url", "oracle://localhost/x", "studies"], "unsupported database URL scheme"),
     (["db", "downgrade"], "the following arguments are required: REV"),
 ]
 
@@ -403,7 +406,11 @@ def test_usage_errors_exit_2_with_one_sentence(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["sqlite:///{tmp}/no/such/directory/evals.db", "postgresql://postgres@127.0.0.1:1/evals"],
+    [
+        "sqlite:///{tmp}/no/such/directory/evals.db",
+        "postgresql://postgres@127.0.0.1:1/evals",
+        "mysql://root@127.0.0.1:1/evals",
+    ],
 )
 def test_an_unreachable_database_exits_1_with_one_sentence(url: str, tmp_path: Path) -> None:
     """A database that cannot be reached is reported in one sentence, exit 1."""

@@ -27,6 +27,7 @@ from evals_orm.converters import (
     make_converter,
     structure,
     unstructure,
+    written_decoder,
 )
 from evals_orm.domain import (
     Checkpoint,
@@ -258,6 +259,85 @@ def test_duration_is_floored_seconds_and_positive_nanos(delta: timedelta, nanos:
     value = loads(f"[{seconds},{nanoseconds + nanos}]", timedelta)
     assert [seconds, nanoseconds + nanos] == unstructure(value)
     assert nanos == getattr(value, "nanosecond", 0)
+
+
+# --- JSON the package wrote ---------------------------------------------------
+
+
+def same_values(expected: Any, actual: Any) -> None:
+    """Assert equal attrs objects whose fields also have the same Python types."""
+    assert expected == actual
+    assert type(expected) is type(actual)
+    if attrs.has(type(expected)):
+        for field in attrs.fields(type(expected)):
+            same_values(getattr(expected, field.name), getattr(actual, field.name))
+
+
+@given(stored_events)
+def test_written_json_reads_back_as_loads_reads_it(stored: StoredEvalEvent) -> None:
+    """What dumps wrote reads back from text, bytes or parsed values as loads reads it."""
+    decode = written_decoder(StoredEvalEvent)
+    text = dumps(stored)
+    for value in (text, text.encode("utf-8"), json.loads(text)):
+        same_values(loads(text), decode(value))
+    assert text == dumps(decode(text))
+
+
+@given(configs, metrics, st.lists(texts).map(tuple))
+def test_written_column_values_read_back(
+    config: StudyConfig, metric: LongitudinalMetrics, names: tuple[str, ...]
+) -> None:
+    """The projection's JSON columns (config, metrics, sessions) read back unchanged."""
+    for value, cls in ((config, StudyConfig), (metric, LongitudinalMetrics)):
+        text = dumps(value)
+        same_values(loads(text, cls), written_decoder(cls)(text))
+        assert value == written_decoder(cls)(text)
+    assert names == written_decoder(tuple[str, ...])(dumps(names))
+
+
+@pytest.mark.parametrize(
+    "line", GOLDEN_LINES, ids=[f"line{i}" for i in range(1, len(GOLDEN_LINES) + 1)]
+)
+def test_written_golden_events_read_back(line: str) -> None:
+    """Every golden event, as the log stores it, reads back equal, nanoseconds included."""
+    stored = loads(line)
+    same_values(stored.event, written_decoder(EvalEvent)(dumps(stored.event)))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        checkpoint_line(total_cost=3, agent_efficiency=10**30),
+        GOLDEN_LINES[7].replace('Z"', '+02:00"'),
+        GOLDEN_LINES[7].replace('"event_id":"', '"event_id":"{').replace('","event"', '}","event"'),
+    ],
+    ids=["integer-floats", "offset", "braced-uuid"],
+)
+def test_json_of_another_shape_is_read_by_loads(text: str) -> None:
+    """JSON dumps would not write (edited by hand) is read by the strict loads instead."""
+    same_values(loads(text), written_decoder(StoredEvalEvent)(text))
+
+
+def test_jsonb_integers_in_float_fields_read_as_floats() -> None:
+    """jsonb returns a float holding an integer (1e20) as an integer; it reads as a float."""
+    data = json.loads(dumps(LongitudinalMetrics(total_cost=1e20)))
+    data["total_cost"] = 10**20
+    metric = written_decoder(LongitudinalMetrics)(data)
+    assert (float, 1e20) == (type(metric.total_cost), metric.total_cost)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('{"type":"study_started"}', "event.id: missing field"),
+        ('{"type":"study_started","id":"nope"}', "event.id: expected a UUID string"),
+        ("[", "invalid JSON"),
+    ],
+)
+def test_broken_written_json_is_an_invalid_event_error(text: str, fragment: str) -> None:
+    """A stored value broken beyond reading raises the InvalidEventError loads raises."""
+    with pytest.raises(InvalidEventError, match=fragment):
+        written_decoder(StoredEvalEvent)(f'{{"event_id":"{EVENT_ID}","event":{text}}}')
 
 
 # --- golden lines -----------------------------------------------------------

@@ -13,15 +13,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evals_orm import StoredEvalEvent, StudyId, StudyStarted, uuid7, uuid7_at
+from evals_orm import PeriodType, StoredEvalEvent, StudyStarted, uuid7, uuid7_at
 from evals_orm.domain import (
-    CheckpointId,
+    Checkpoint,
     FieldError,
     LongitudinalMetrics,
     NanoDatetime,
     NanoTimedelta,
     StudyConfig,
     TimePeriod,
+    unchecked_constructor,
+    unchecked_uuid,
 )
 from evals_orm.events import CheckpointRecorded, StudyCreated, StudyPaused, uuid7_time
 
@@ -46,7 +48,7 @@ def test_uuid7_is_version_7_and_increasing() -> None:
 
 def test_new_stamps_the_event_with_the_current_time() -> None:
     before = datetime.now(UTC) - timedelta(milliseconds=1)
-    stored = StoredEvalEvent.new(StudyStarted(StudyId(uuid7())))
+    stored = StoredEvalEvent.new(StudyStarted(uuid7()))
     after = datetime.now(UTC)
     assert 7 == stored.event_id.version
     assert before <= stored.occurred_at <= after
@@ -58,7 +60,7 @@ def test_uuid7_at_carries_the_moment_to_the_millisecond(moment: datetime, bits: 
     value = uuid7_at(moment, bits)
     assert (7, "specified in RFC 4122") == (value.version, value.variant)
     assert _truncated_to_ms(moment) == uuid7_time(value)
-    assert value == StoredEvalEvent(value, StudyStarted(StudyId(value))).event_id
+    assert value == StoredEvalEvent(value, StudyStarted(value)).event_id
 
 
 @given(moments, random_bits, random_bits)
@@ -96,7 +98,7 @@ def test_a_time_after_the_year_9999_is_a_clear_value_error() -> None:
     last = uuid7_at(datetime.max.replace(tzinfo=UTC), 2**74 - 1)
     assert datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC) == uuid7_time(last)
     beyond = UUID(int=last.int + (1 << 80))
-    stored = StoredEvalEvent(beyond, StudyStarted(StudyId(beyond)))
+    stored = StoredEvalEvent(beyond, StudyStarted(beyond))
     with pytest.raises(ValueError, match="after the year 9999"):
         stored.occurred_at  # noqa: B018 - the property raises
 
@@ -141,7 +143,7 @@ def test_float_fields_take_integers_and_lifecycle_events_share_study_id() -> Non
     """An int rate becomes a float; every lifecycle event answers study_id with its id."""
     assert 3.0 == LongitudinalMetrics(total_cost=3).total_cost
     assert isinstance(LongitudinalMetrics(total_cost=3).total_cost, float)
-    study = StudyId(uuid7())
+    study = uuid7()
     assert study == StudyPaused(study).study_id
 
 
@@ -154,15 +156,15 @@ def test_float_fields_take_integers_and_lifecycle_events_share_study_id() -> Non
         (lambda: StudyConfig(tags=("a", 1)), "tags[1]: expected a string, got integer 1"),  # type: ignore[arg-type]
         (
             lambda: CheckpointRecorded(
-                CheckpointId(uuid7()),
-                StudyId(uuid7()),
+                uuid7(),
+                uuid7(),
                 datetime.now(UTC),
                 sessions_included=(1,),  # type: ignore[arg-type]
             ),
             "sessions_included[0]: expected a string",
         ),
         (
-            lambda: StudyCreated(StudyId(uuid7()), "n", "daily"),  # type: ignore[arg-type]
+            lambda: StudyCreated(uuid7(), "n", "daily"),  # type: ignore[arg-type]
             "period_type: expected PeriodType",
         ),
     ],
@@ -174,3 +176,29 @@ def test_invalid_values_are_refused_naming_the_field(
     with pytest.raises(FieldError) as info:
         build()
     assert str(info.value).startswith(message)
+
+
+@given(st.uuids())
+def test_unchecked_uuid_is_the_uuid_of_its_text(value: UUID) -> None:
+    """An unchecked UUID equals, hashes, prints and pickles as the UUID its text names."""
+    for text in (str(value), value.hex):
+        read = unchecked_uuid(text)
+        assert (value, hash(value), str(value)) == (read, hash(read), str(read))
+        assert value == pickle.loads(pickle.dumps(read))
+
+
+def test_unchecked_constructor_fills_the_fields_without_checking_them() -> None:
+    """The unchecked constructor builds an equal object from valid fields, and checks nothing."""
+    fields = (uuid7(), uuid7(), datetime(2024, 1, 1, tzinfo=UTC), LongitudinalMetrics(), 7, ("s",))
+    checkpoint = unchecked_constructor(Checkpoint)(*fields)
+    assert Checkpoint(*fields) == checkpoint
+    assert hash(Checkpoint(*fields)) == hash(checkpoint)
+    assert -1 == unchecked_constructor(Checkpoint)(*fields[:4], -1, ()).events_analyzed
+
+
+def test_ids_convert_to_their_new_types_from_plain_uuids() -> None:
+    """Events and checkpoints take plain UUIDs for their ids (StudyId is a NewType of UUID)."""
+    study, checkpoint = uuid7(), uuid7()
+    recorded = CheckpointRecorded(checkpoint, study, datetime(2024, 1, 1, tzinfo=UTC))
+    assert (checkpoint, study) == (recorded.id, recorded.study_id)
+    assert study == StudyCreated(study, "n", PeriodType.DAILY).id

@@ -26,7 +26,6 @@ from sqlalchemy.orm import (
 )
 
 from evals_orm import (
-    CheckpointId,
     CheckpointRecorded,
     DatabaseError,
     EventOrderError,
@@ -39,7 +38,6 @@ from evals_orm import (
     SqlEventLog,
     StoredEvalEvent,
     StudyCreated,
-    StudyId,
     StudyStarted,
     StudyStatus,
     uuid7,
@@ -82,9 +80,9 @@ def host(migrated: sa.Engine) -> sa.Engine:
     return migrated
 
 
-def _study(name: str = "study") -> tuple[StudyId, list[StoredEvalEvent]]:
+def _study(name: str = "study") -> tuple[UUID, list[StoredEvalEvent]]:
     """Return a new study's id and its events: created, started, one checkpoint."""
-    study_id = StudyId(uuid7())
+    study_id = uuid7()
     return study_id, [
         StoredEvalEvent.new(StudyCreated(study_id, name, PeriodType.WEEKLY, 1)),
         StoredEvalEvent.new(StudyStarted(study_id)),
@@ -92,11 +90,9 @@ def _study(name: str = "study") -> tuple[StudyId, list[StoredEvalEvent]]:
     ]
 
 
-def _checkpoint(study_id: StudyId) -> StoredEvalEvent:
+def _checkpoint(study_id: UUID) -> StoredEvalEvent:
     return StoredEvalEvent.new(
-        CheckpointRecorded(
-            CheckpointId(uuid7()), study_id, T0, LongitudinalMetrics(sessions_completed=3), 7, ()
-        )
+        CheckpointRecorded(uuid7(), study_id, T0, LongitudinalMetrics(sessions_completed=3), 7, ())
     )
 
 
@@ -175,7 +171,7 @@ def test_an_invalid_event_undoes_only_its_own_savepoint(host: sa.Engine) -> None
         session.add(Team(name="red", study_id=None))
         log, projection = SqlEventLog(session), SqlEvalProjection(session)
         assert 3 == log.append(events, projection=projection)
-        unknown = StoredEvalEvent.new(StudyStarted(StudyId(uuid7())))
+        unknown = StoredEvalEvent.new(StudyStarted(uuid7()))
         with pytest.raises(ProjectionError):
             log.append(unknown, projection=projection)
         with pytest.raises(ProjectionError):
@@ -203,10 +199,10 @@ def test_a_write_waiting_for_its_own_thread_fails_at_once(host: sa.Engine, backe
     """Host Session flushed, then an Engine-bound append in the same thread: no 30 s wait.
 
     On the one-writer backends it fails at once saying what to do, and the
-    host can still commit; PostgreSQL has row locks and simply appends.
+    host can still commit; PostgreSQL and MariaDB have row locks and simply append.
     """
     _, events = _study()
-    one_writer = backend != "postgresql"
+    one_writer = backend not in ("postgresql", "mariadb")
     with Session(host) as session:
         session.add(Team(name="red", study_id=None))
         session.flush()
@@ -289,7 +285,7 @@ def test_threads_with_sessions_and_engines_append_and_project_concurrently(
     """Threads with Session transactions and threads with the Engine all finish, exactly once."""
     rounds = 4
     errors: list[BaseException] = []
-    expected: list[StudyId] = []
+    expected: list[UUID] = []
     lock = threading.Lock()
 
     def with_session() -> None:
@@ -369,7 +365,6 @@ from evals_orm import (
     StoredEvalEvent,
     Study,
     StudyCreated,
-    StudyId,
     PeriodType,
     uuid7,
 )
@@ -390,7 +385,7 @@ class Team(Base):
 
 def run(engine: sa.Engine) -> Study | None:
     evals_orm.migrations.upgrade(engine)
-    study_id = StudyId(uuid7())
+    study_id = uuid7()
     with Session(engine) as session:
         log = SqlEventLog(session)
         new: int = log.append(

@@ -17,17 +17,28 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
+from alembic.runtime.environment import IncludeNameFn, IncludeObjectFn, RenderItemFn
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from conftest import Database
 
-from evals_orm import metadata, migrations
+from evals_orm import (
+    ConfigurationError,
+    SqlEvalProjection,
+    SqlEvalStorage,
+    SqlEventLog,
+    StudyCreated,
+    metadata,
+    migrations,
+)
+from evals_orm._demo import sample_events
 from evals_orm.domain import uuid7
 
 from support import T0, checkpoint_row, raw_rows, seed, study_row
 
 REPO = Path(__file__).resolve().parent.parent
 ALEMBIC = Path(sys.executable).parent / "alembic"
-HEAD = "0001"
+HEAD = "evals_orm_0001"
 OUR_TABLES = {"studies", "checkpoints", "eval_events", "eval_tracking"}
 SEED_DDL = """
 CREATE TABLE studies (id TEXT PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL,
@@ -53,7 +64,9 @@ def _table_info(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
 def test_sqlite_schema_equals_the_seed_ddl(migrated: sa.Engine) -> None:
     """On SQLite/libSQL the migrated tables and index match the seed DDL (extra columns last)."""
     if migrated.dialect.name != "sqlite":
-        pytest.skip("the seed DDL is SQLite's; PostgreSQL is checked by its own test")
+        pytest.skip(
+            "the seed DDL is SQLite's; PostgreSQL and MariaDB are checked by their own tests"
+        )
     seed_db = sqlite3.connect(":memory:")
     seed_db.executescript(SEED_DDL)
     for table in ("studies", "checkpoints"):
@@ -107,6 +120,55 @@ def test_postgresql_schema_uses_native_types(migrated: sa.Engine) -> None:
         migrated, "SELECT conname FROM pg_constraint WHERE conrelid = 'studies'::regclass"
     )
     assert [("pk_studies",)] == constraints
+
+
+def test_mariadb_schema_uses_native_types(migrated: sa.Engine) -> None:
+    """On MariaDB: BINARY(16), DATETIME(6), checked LONGTEXT JSON, unsigned ints, utf8mb4 InnoDB."""
+    if migrated.dialect.name not in ("mysql", "mariadb"):
+        pytest.skip("these column types are MariaDB's")
+    columns = raw_rows(
+        migrated,
+        "SELECT table_name, column_name, column_type, is_nullable FROM information_schema.columns "
+        "WHERE table_schema = DATABASE() AND table_name IN ('studies', 'checkpoints') "
+        "ORDER BY table_name, ordinal_position",
+    )
+    assert [
+        ("checkpoints", "id", "binary(16)", "NO"),
+        ("checkpoints", "study_id", "binary(16)", "NO"),
+        ("checkpoints", "timestamp", "datetime(6)", "NO"),
+        ("checkpoints", "metrics", "longtext", "NO"),
+        ("checkpoints", "events_analyzed", "bigint(20) unsigned", "NO"),
+        ("checkpoints", "sessions_included", "longtext", "NO"),
+        ("studies", "id", "binary(16)", "NO"),
+        ("studies", "name", "longtext", "NO"),
+        ("studies", "status", "text", "NO"),
+        ("studies", "period_type", "text", "NO"),
+        ("studies", "period_value", "int(10) unsigned", "YES"),
+        ("studies", "config", "longtext", "NO"),
+        ("studies", "created_at", "datetime(6)", "NO"),
+        ("studies", "started_at", "datetime(6)", "YES"),
+        ("studies", "stopped_at", "datetime(6)", "YES"),
+        ("studies", "last_event_id", "binary(16)", "NO"),
+    ] == columns
+    tables = raw_rows(
+        migrated,
+        "SELECT DISTINCT engine, table_collation FROM information_schema.tables "
+        "WHERE table_schema = DATABASE() AND table_name NOT LIKE 'evals_orm_alembic%'",
+    )
+    assert [("InnoDB", "utf8mb4_bin")] == tables
+    index = raw_rows(
+        migrated,
+        "SELECT column_name FROM information_schema.statistics WHERE table_schema = DATABASE() "
+        "AND index_name = 'idx_checkpoints_study_time' ORDER BY seq_in_index",
+    )
+    assert [("study_id",), ("timestamp",)] == index
+    with pytest.raises(sa.exc.DBAPIError, match="ck_studies_config_json"):
+        # Only JSON gets in, as jsonb guarantees on PostgreSQL.
+        raw_rows(
+            migrated,
+            "INSERT INTO studies VALUES (x'00', 'n', 'pending', 'daily', NULL, 'not json', "
+            "NOW(6), NULL, NULL, x'00')",
+        )
 
 
 def test_metadata_has_a_naming_convention() -> None:
@@ -263,7 +325,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "9002"
-down_revision = "0001"
+down_revision = "evals_orm_0001"
 branch_labels = None
 depends_on = None
 
@@ -313,3 +375,131 @@ def test_batch_migration_keeps_every_row(engine: sa.Engine, tmp_path: Path) -> N
     assert before_studies == raw_rows(engine, "SELECT * FROM studies ORDER BY id")
     index = [ix["name"] for ix in sa.inspect(engine).get_indexes("checkpoints")]
     assert ["idx_checkpoints_study_time"] == index
+
+
+def test_a_database_stamped_with_the_old_revision_id_keeps_upgrading(engine: sa.Engine) -> None:
+    """A database stamped ``0001`` (the id before the rename) reads and upgrades as the new id."""
+    migrations.upgrade(engine)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(f"UPDATE {migrations.VERSION_TABLE} SET version_num = '0001'")
+    assert HEAD == migrations.current(engine)
+
+    migrations.upgrade(engine)
+    assert [(HEAD,)] == raw_rows(engine, f"SELECT version_num FROM {migrations.VERSION_TABLE}")
+    migrations.downgrade(engine, "base")
+    assert set() == _tables(engine) & OUR_TABLES
+
+
+def test_the_migrations_carry_the_branch_label() -> None:
+    """The package's history is the branch ``evals_orm`` and no revision id is a bare number."""
+    scripts = ScriptDirectory(migrations.script_location())
+    revisions = list(scripts.walk_revisions())
+    assert {migrations.BRANCH} == {label for rev in revisions for label in rev.branch_labels}
+    assert all(rev.revision.startswith("evals_orm_") for rev in revisions)
+    assert HEAD == scripts.get_revision(f"{migrations.BRANCH}@head").revision
+
+
+def test_upgrade_on_a_connection_commits_only_its_own_transaction(database: Database) -> None:
+    """upgrade(connection) commits when no transaction is open, and joins an open one.
+
+    Inside the caller's transaction nothing is committed: the caller's
+    rollback undoes the upgrade (PostgreSQL, whose DDL is transactional).
+    """
+    engine = database.engine()
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            connection.begin()
+            migrations.upgrade(connection)
+            assert HEAD == migrations.current(connection)
+            connection.rollback()
+        assert migrations.current(engine) is None
+    with engine.connect() as connection:
+        migrations.upgrade(connection)
+        assert not connection.in_transaction()
+    assert HEAD == migrations.current(engine)
+    engine.dispose()
+
+
+def test_a_schema_is_a_configuration_error_without_postgresql(database: Database) -> None:
+    """create_engine(url, schema=...) on SQLite or libSQL says in a sentence it needs PostgreSQL."""
+    if database.backend == "postgresql":
+        pytest.skip("PostgreSQL has schemas")
+    with pytest.raises(ConfigurationError, match=r"^a schema is only supported on PostgreSQL"):
+        database.engine(schema="evals")
+
+
+def _studies_of(engine: sa.Engine) -> list[str]:
+    return sorted(study.name for study in SqlEvalStorage(engine).list_studies())
+
+
+def test_two_postgresql_schemas_are_independent_installations(database: Database) -> None:
+    """Two schemas of one database hold two installations that never see each other.
+
+    Upgrade, append (COPY), rebuild, reads and downgrade each stay in their
+    schema, with its own version table; nothing lands in ``public``.
+    """
+    if database.backend != "postgresql":
+        pytest.skip("schemas are PostgreSQL's")
+    first = database.engine(schema="tenant_a")
+    # The README's equivalent for an Engine the host makes itself.
+    second = sa.create_engine(
+        sa.make_url(database.url).set(drivername="postgresql+psycopg"),
+        execution_options={"schema_translate_map": {None: "tenant_b"}},
+    )
+    events = sample_events()
+    migrations.upgrade(first)
+    migrations.upgrade(second)
+    migrations.upgrade(first)  # the version table is found again in its schema
+    assert HEAD == migrations.current(first) == migrations.current(second)
+    public = database.engine()
+    assert migrations.current(public) is None
+    assert set() == _tables(public)
+
+    created = [stored for stored in events if isinstance(stored.event, StudyCreated)]
+    assert len(events) == SqlEventLog(first).append(events, projection=SqlEvalProjection(first))
+    assert 1 == SqlEventLog(second).append(created[0], projection=SqlEvalProjection(second))
+    every_study = _studies_of(first)
+    assert len(created) == len(every_study)
+    assert [created[0].event.name] == _studies_of(second)  # type: ignore[union-attr]
+
+    assert len(events) == SqlEvalProjection(first).rebuild(SqlEventLog(first).read())
+    assert every_study == _studies_of(first)
+    assert [(len(events),), (1,)] == [
+        *raw_rows(public, "SELECT count(*) FROM tenant_a.eval_events"),
+        *raw_rows(public, "SELECT count(*) FROM tenant_b.eval_events"),
+    ]
+
+    migrations.downgrade(first, "base")
+    assert migrations.current(first) is None
+    assert {migrations.VERSION_TABLE} == set(sa.inspect(public).get_table_names("tenant_a"))
+    assert [created[0].event.name] == _studies_of(second)  # type: ignore[union-attr]
+    assert HEAD == migrations.current(second)
+    for engine in (first, second, public):
+        engine.dispose()
+
+
+def test_the_autogenerate_filters_hide_only_our_objects() -> None:
+    """include_name/include_object refuse our tables, indexes and version table, pass the host's."""
+    # A host's env.py passes them to context.configure, typed as Alembic expects.
+    filters: tuple[IncludeNameFn, IncludeObjectFn, RenderItemFn] = (
+        migrations.include_name,
+        migrations.include_object,
+        migrations.render_item,
+    )
+    assert all(callable(function) for function in filters)
+    host = sa.Table("host_items", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True))
+    studies = metadata.tables["studies"]
+    (index,) = metadata.tables["checkpoints"].indexes
+    assert [False, False, False, True, True] == [
+        migrations.include_name("studies", "table", {}),
+        migrations.include_name(migrations.VERSION_TABLE, "table", {}),
+        migrations.include_name(index.name, "index", {"table_name": "checkpoints"}),
+        migrations.include_name("host_items", "table", {}),
+        migrations.include_name("evals", "schema", {}),
+    ]
+    assert [False, False, False, True] == [
+        migrations.include_object(studies, "studies", "table", False, None),
+        migrations.include_object(index, index.name, "index", False, None),
+        migrations.include_object(studies.c.name, "name", "column", False, None),
+        migrations.include_object(host, "host_items", "table", False, None),
+    ]

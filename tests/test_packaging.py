@@ -21,7 +21,7 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 def test_installed_wheel_migrates_without_a_source_tree(tmp_path: Path) -> None:
-    """A wheel built from the repo, installed in a fresh venv, runs migrations.upgrade()."""
+    """A wheel built from the repo, in a fresh venv, migrates by API and as evals_orm:_alembic."""
     dist = tmp_path / "dist"
     # --no-isolation uses the hatchling already installed, so the build works offline.
     built = _run(
@@ -52,16 +52,28 @@ def test_installed_wheel_migrates_without_a_source_tree(tmp_path: Path) -> None:
         str(python),
         "-c",
         "import evals_orm; from evals_orm import migrations;"
-        "print(evals_orm.__file__, migrations.script_location());"
+        "print(evals_orm.__file__, migrations.script_location(), migrations.SCRIPT_LOCATION);"
         "migrations.upgrade('sqlite+libsql:///x.db')",
         cwd=work,
     )
     assert 0 == upgraded.returncode, upgraded.stderr
-    module, scripts = upgraded.stdout.split()
+    module, scripts, location = upgraded.stdout.split()
     assert Path(module).is_relative_to(site)
     assert site / "evals_orm" / "_alembic" == Path(scripts)
+    assert "evals_orm:_alembic" == location
     with sqlite3.connect(work / "x.db") as connection:
         tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
         version = connection.execute("SELECT version_num FROM evals_orm_alembic_version").fetchall()
     assert {"studies", "checkpoints", "eval_events", "eval_tracking"} <= tables
-    assert [("0001",)] == version
+    assert [("evals_orm_0001",)] == version
+
+    # A host's ini section names the installed scripts as the README shows.
+    (work / "alembic.ini").write_text(
+        "[evals_orm]\nscript_location = evals_orm:_alembic\nsqlalchemy.url = sqlite:///y.db\n"
+    )
+    for command in (("upgrade", "head"), ("check",)):
+        ran = _run(str(python), "-m", "alembic", "-n", "evals_orm", *command, cwd=work)
+        assert 0 == ran.returncode, ran.stdout + ran.stderr
+    with sqlite3.connect(work / "y.db") as connection:
+        version = connection.execute("SELECT version_num FROM evals_orm_alembic_version").fetchall()
+    assert [("evals_orm_0001",)] == version

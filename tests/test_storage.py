@@ -9,20 +9,27 @@ from uuid import UUID
 
 import pytest
 import sqlalchemy as sa
+from conftest import Database
 from sqlalchemy import event
 from sqlalchemy.orm import sessionmaker
 
 from evals_orm import (
     Checkpoint,
     CheckpointId,
+    CheckpointRecorded,
+    CredentialsError,
     DatabaseError,
     EvalsError,
     EvalStorage,
     PeriodType,
     SchemaMissingError,
+    SqlEvalProjection,
     SqlEvalStorage,
+    SqlEventLog,
+    StoredEvalEvent,
     Study,
     StudyConfig,
+    StudyCreated,
     StudyId,
     StudyStatus,
     UnreachableError,
@@ -93,7 +100,7 @@ def test_every_study_field_round_trips(storage: SqlEvalStorage) -> None:
     assert actual is not None
     instants = (actual.created_at, actual.started_at, actual.stopped_at)
     assert [UTC, UTC, UTC] == [value and value.tzinfo for value in instants]
-    if _engine(storage).dialect.name == "sqlite":
+    if _engine(storage).dialect.name != "postgresql":
         # jsonb stores object keys sorted, so only text columns keep the wire order.
         assert ["zeta", "alpha"] == list(actual.config.metadata)
 
@@ -227,13 +234,14 @@ def _closed_port() -> int:
     "url",
     [
         "postgresql://postgres@127.0.0.1:{port}/x",
+        "mysql://root@127.0.0.1:{port}/x",
         "http://127.0.0.1:{port}",
         "libsql://127.0.0.1:{port}?tls=0",
     ],
 )
 def test_unreachable_database_raises_a_helpful_error(url: str) -> None:
     """A closed port raises DatabaseError saying the database is unreachable, without the token."""
-    token = None if url.startswith("postgresql") else "very-secret-token-123"
+    token = None if url.startswith(("postgresql", "mysql")) else "very-secret-token-123"
     engine = create_engine(url.format(port=_closed_port()), auth_token=token)
     with pytest.raises(UnreachableError, match="cannot reach the database") as raised:
         SqlEvalStorage(engine).get_study(StudyId(uuid7()))
@@ -260,7 +268,7 @@ def test_range_query_uses_the_study_time_index(migrated: sa.Engine) -> None:
     assert 5 == len(found)
     (sql, params) = next((sql, p) for sql, p in captured if "FROM checkpoints" in sql)
 
-    explain = "EXPLAIN" if migrated.dialect.name == "postgresql" else "EXPLAIN QUERY PLAN"
+    explain = "EXPLAIN QUERY PLAN" if migrated.dialect.name == "sqlite" else "EXPLAIN"
     with migrated.connect() as connection:
         if migrated.dialect.name == "postgresql":
             # 20 rows would be read by a sequential scan; the index must still be usable.
@@ -283,3 +291,67 @@ def test_checkpoint_counts_counts_each_studys_checkpoints(migrated: sa.Engine) -
         ],
     )
     assert {first.id: 3, second.id: 1} == SqlEvalStorage(migrated).checkpoint_counts()
+
+
+# Four-byte UTF-8 (emoji, a musical symbol, a CJK extension B ideograph), which
+# MySQL's three-byte "utf8" cannot hold, next to two- and three-byte characters.
+ASTRAL = "study 😀 𝄞 𠀋 é ✓"
+
+
+def test_four_byte_unicode_round_trips_through_log_projection_and_reads(
+    migrated: sa.Engine,
+) -> None:
+    """Strings with 4-byte characters come back unchanged from the log and from every read."""
+    study_id, checkpoint_id = StudyId(uuid7()), CheckpointId(uuid7())
+    config = StudyConfig(ASTRAL, (ASTRAL, "🧪"), {"🔑": ASTRAL})
+    stream = [
+        StoredEvalEvent.new(StudyCreated(study_id, ASTRAL, PeriodType.DAILY, None, config)),
+        StoredEvalEvent.new(
+            CheckpointRecorded(checkpoint_id, study_id, T0, metrics(), 1, ("s-😀", ASTRAL))
+        ),
+    ]
+    log = SqlEventLog(migrated)
+    assert 2 == log.append(stream, projection=SqlEvalProjection(migrated))
+
+    assert stream == list(log.read())
+    study = SqlEvalStorage(migrated).get_study(study_id)
+    assert study is not None
+    assert (ASTRAL, config) == (study.name, study.config)
+    [checkpoint] = SqlEvalStorage(migrated).get_checkpoints(study_id)
+    assert ("s-😀", ASTRAL) == tuple(checkpoint.sessions_included)
+
+
+def test_any_128_bit_id_is_stored_and_sorts_like_uuid(migrated: sa.Engine) -> None:
+    """Ids of every version and variant (not only RFC 9562 ones) round-trip, in UUID order.
+
+    MariaDB's own UUID type would reject the NCS-variant ids with a high
+    version nibble and sort differently; the stored order must be Python's.
+    """
+    ids = [
+        UUID(int=0),
+        UUID(int=2**128 - 1),
+        UUID("ffffffff-ffff-8fff-0fff-ffffffffffff"),  # version nibble 8, NCS variant
+        UUID("00000000-0000-f000-7000-000000000001"),
+        UUID("80000000-0000-0000-0000-000000000000"),
+        UUID("7fffffff-ffff-ffff-ffff-ffffffffffff"),
+        UUID("0192d5e0-8c40-7000-8000-000000000001"),
+    ]
+    seed(migrated, [study_row(id=value, created_at=T0) for value in ids])
+
+    listed = [study.id for study in SqlEvalStorage(migrated).list_studies()]
+    assert sorted(ids, reverse=True) == listed
+
+
+def test_mariadb_wrong_password_and_missing_database_say_what_to_do(database: Database) -> None:
+    """A refused password (never shown) and a missing database are one-sentence DatabaseErrors."""
+    if database.backend != "mariadb":
+        pytest.skip("the password and database name of a MariaDB server")
+    url = sa.make_url(database.url)
+    wrong = create_engine(url.set(password="not-the-password-42"))
+    with pytest.raises(CredentialsError, match="refused the credentials") as refused:
+        SqlEvalStorage(wrong).list_studies()
+    assert "not-the-password-42" not in str(refused.value)
+    missing = create_engine(url.set(database=f"{url.database}_missing"))
+    with pytest.raises(DatabaseError, match=f"'{url.database}_missing' does not exist") as absent:
+        SqlEvalStorage(missing).list_studies()
+    assert [1, 1] == [len(str(error.value).splitlines()) for error in (refused, absent)]

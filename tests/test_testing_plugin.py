@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 import evals_orm
+from evals_orm import create_engine
 from evals_orm.testing import BACKENDS
 
 ALL = ",".join(BACKENDS)
@@ -57,7 +58,12 @@ def test_needs_no_database():
 @pytest.fixture
 def host(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     """A host project with HOST_TESTS and a clean environment for the plugin."""
-    for name in ("EVALS_ORM_TEST_BACKENDS", "EVALS_ORM_TEST_POSTGRES_URL", "EVALS_ORM_SQLD"):
+    for name in (
+        "EVALS_ORM_TEST_BACKENDS",
+        "EVALS_ORM_TEST_POSTGRES_URL",
+        "EVALS_ORM_TEST_MYSQL_URL",
+        "EVALS_ORM_SQLD",
+    ):
         monkeypatch.delenv(name, raising=False)
     # Unavailable backends fail the inner runs too, so "passed" means it ran.
     monkeypatch.setenv("EVALS_ORM_REQUIRE_BACKENDS", "1")
@@ -168,8 +174,9 @@ def test_unknown_backend_is_a_usage_error(host: pytest.Pytester) -> None:
     [
         ("postgresql", "--evals-postgres-url=postgresql://postgres@127.0.0.1:{port}/x"),
         ("libsql-remote", "--evals-sqld=/bin/false"),
+        ("mariadb", "--evals-mysql-url=mysql://root@127.0.0.1:{port}/"),
     ],
-    ids=["postgresql", "libsql-remote"],
+    ids=["postgresql", "libsql-remote", "mariadb"],
 )
 def test_unavailable_backend_skips_or_fails_when_strict(
     host: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, backend: str, option: str
@@ -203,6 +210,8 @@ def test_databases_are_isolated_and_removed(host: pytest.Pytester) -> None:
     _assert_nothing_left(host, records)
     postgres = [r["database"] for r in records if r["backend"] == "postgresql"]
     assert 2 == len(set(postgres))
+    mariadb = [r["database"] for r in records if r["backend"] == "mariadb"]
+    assert 2 == len(set(mariadb))
 
 
 def test_xdist_workers_run_every_backend(host: pytest.Pytester) -> None:
@@ -290,6 +299,15 @@ def _assert_nothing_left(host: pytest.Pytester, records: list[dict[str, object]]
     admin.dispose()
     assert [] == left
     assert postgres
+    mariadb = {str(r["database"]) for r in records if r["backend"] == "mariadb"}
+    mysql_admin = create_engine("mysql://root@127.0.0.1:3306/")
+    with mysql_admin.connect() as connection:
+        left = connection.execute(
+            sa.text("SELECT schema_name FROM information_schema.schemata"),
+        ).all()
+    mysql_admin.dispose()
+    assert set() == mariadb & {name for (name,) in left}
+    assert mariadb
     # Every sqld of the run was started with its --db-path under the host's directory.
     assert [] == [cmd for cmd in _command_lines() if str(host.path) in cmd]
 

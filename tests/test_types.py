@@ -26,12 +26,19 @@ def _is_sqlite(engine: sa.Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+def _is_mysql(engine: sa.Engine) -> bool:
+    return engine.dialect.name in ("mysql", "mariadb")
+
+
 def _json_value(text: str) -> object:
     return json.loads(text, parse_float=Decimal, parse_int=Decimal)
 
 
 def test_timestamps_are_fixed_width_utc_text(migrated: sa.Engine) -> None:
-    """SQLite/libSQL store `YYYY-MM-DDTHH:MM:SS.ffffffZ` in UTC; PostgreSQL a timestamptz."""
+    """SQLite/libSQL store `YYYY-MM-DDTHH:MM:SS.ffffffZ` in UTC; PostgreSQL a timestamptz.
+
+    MariaDB stores the UTC wall time in a DATETIME(6), which has no zone.
+    """
     study = study_row(
         created_at=datetime(2024, 3, 1, 14, 0, tzinfo=CEST),
         started_at=datetime(2024, 3, 1, 12, 0, 0, 5, tzinfo=UTC),
@@ -50,11 +57,12 @@ def test_timestamps_are_fixed_width_utc_text(migrated: sa.Engine) -> None:
             )
         ]
     else:
+        zone = None if _is_mysql(migrated) else UTC
         expected = [
             (
-                datetime(2024, 3, 1, 12, tzinfo=UTC),
-                datetime(2024, 3, 1, 12, 0, 0, 5, tzinfo=UTC),
-                datetime(9, 1, 2, 3, 4, 5, 999999, tzinfo=UTC),
+                datetime(2024, 3, 1, 12, tzinfo=zone),
+                datetime(2024, 3, 1, 12, 0, 0, 5, tzinfo=zone),
+                datetime(9, 1, 2, 3, 4, 5, 999999, tzinfo=zone),
             )
         ]
     assert expected == actual
@@ -76,8 +84,15 @@ def test_stored_timestamp_order_is_time_order(migrated: sa.Engine) -> None:
 
     ordered = raw_rows(migrated, "SELECT id FROM checkpoints ORDER BY timestamp")
     by_time = sorted(rows, key=lambda row: row.timestamp)
-    expected = [str(row.id) if _is_sqlite(migrated) else row.id for row in by_time]
+    expected = [_stored_uuid(migrated, row.id) for row in by_time]
     assert expected == [value for (value,) in ordered]
+
+
+def _stored_uuid(engine: sa.Engine, value: UUID) -> object:
+    """Return how ``value`` reads back from a UUID column without its type."""
+    if _is_sqlite(engine):
+        return str(value)
+    return value.bytes if _is_mysql(engine) else value
 
 
 def test_naive_datetime_is_rejected_with_value_error(migrated: sa.Engine) -> None:
@@ -107,32 +122,48 @@ def test_aware_datetimes_come_back_in_utc(migrated: sa.Engine) -> None:
 
 
 def test_uuids_are_lowercase_text(migrated: sa.Engine) -> None:
-    """UUIDs are stored as lowercase hyphenated text on SQLite/libSQL, as uuid on PostgreSQL."""
+    """UUIDs: lowercase hyphenated text on SQLite/libSQL, uuid on PostgreSQL, bytes on MariaDB."""
     study_id = UUID("ABCDEF01-2345-7789-ABCD-EF0123456789")
     seed(migrated, [study_row(id=study_id)])
 
     (actual,) = raw_rows(migrated, "SELECT id FROM studies")
-    expected = "abcdef01-2345-7789-abcd-ef0123456789" if _is_sqlite(migrated) else study_id
+    expected = (
+        "abcdef01-2345-7789-abcd-ef0123456789"
+        if _is_sqlite(migrated)
+        else _stored_uuid(migrated, study_id)
+    )
     assert (expected,) == actual
     with Session(migrated) as session:
         assert study_id == session.scalars(sa.select(StudyRow.id)).one()
 
 
+def test_uuids_written_elsewhere_read_in_every_form_uuid_reads(migrated: sa.Engine) -> None:
+    """A row written by other software (braced, simple or uppercase UUID text) reads back."""
+    study_id = UUID("abcdef01-2345-7789-abcd-ef0123456789")
+    seed(migrated, [study_row(id=study_id)])
+    with Session(migrated) as session:
+        for text in (f"{{{study_id}}}", study_id.hex, str(study_id).upper()):
+            if _is_sqlite(migrated):
+                session.execute(sa.text("UPDATE studies SET id = :id"), {"id": text})
+            assert study_id == session.scalars(sa.select(StudyRow.id)).one()
+
+
 def test_json_columns_hold_the_wire_format(migrated: sa.Engine) -> None:
-    """config, metrics and sessions_included are dumps() text (SQLite/libSQL) or that JSON value."""
+    """config, metrics and sessions_included are dumps() text (SQLite, libSQL, MariaDB) or jsonb."""
     config = StudyConfig('Ünïcode ✓ "quoted"', ("b", "a"), {"zeta": "1", "alpha": "2"})
     study = study_row(config=config)
     checkpoint = checkpoint_row(study.id, metrics_value=metrics(), sessions_included=("é", "s\n2"))
     seed(migrated, [study, checkpoint])
 
-    cast = "" if _is_sqlite(migrated) else "::text"
+    text = _is_sqlite(migrated) or _is_mysql(migrated)
+    cast = "" if text else "::text"
     (stored_config,) = raw_rows(migrated, f"SELECT config{cast} FROM studies")
     (stored_metrics, stored_sessions) = raw_rows(
         migrated, f"SELECT metrics{cast}, sessions_included{cast} FROM checkpoints"
     )[0]
     expected = (dumps(config), dumps(checkpoint.metrics), dumps(("é", "s\n2")))
     actual = (stored_config[0], stored_metrics, stored_sessions)
-    if _is_sqlite(migrated):
+    if text:
         assert expected == actual
     else:
         # jsonb keeps numbers as numeric (1.7976931348623157e308 comes back in

@@ -58,7 +58,7 @@ def test_a_review_of_an_unknown_study_is_refused(engine: sa.Engine) -> None:
 def test_the_url_is_a_fresh_empty_database(evals_backend: str, evals_url: str) -> None:
     """evals_url alone reaches an empty database of the backend named in the test id."""
     engine = create_engine(evals_url)
-    expected = "postgresql" if evals_backend == "postgresql" else "sqlite"
+    expected = {"postgresql": "postgresql", "mariadb": "mysql"}.get(evals_backend, "sqlite")
 
     assert expected == engine.dialect.name
     assert [] == sa.inspect(engine).get_table_names()
