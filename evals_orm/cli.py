@@ -555,7 +555,7 @@ def _parser() -> _Parser:
         type=_seconds,
         metavar="SECONDS",
         help="longest wait between two looks at the log "
-        "(default: 0.1 on files, 0.25 remote, 5 on PostgreSQL, which is woken by NOTIFY)",
+        "(default: 0.1; 0.25 on remote libSQL; 5 on PostgreSQL, which is woken by NOTIFY)",
     )
 
     studies = command(commands, "studies", _cmd_studies, "list the studies")

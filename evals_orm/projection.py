@@ -385,7 +385,7 @@ class SqlEvalProjection:
         it commits, and looks at the log every ``poll_interval`` seconds
         anyway (default 5). Elsewhere it polls: soon after it applied
         something, then less often up to ``poll_interval`` while the log is
-        idle (default 0.1 s on local files, 0.25 s on a remote server).
+        idle (default 0.1 s; 0.25 s on a remote libSQL server).
 
         Each batch is one transaction under the projection lock, with the
         position, so any number of followers in any number of processes may
