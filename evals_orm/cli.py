@@ -352,7 +352,9 @@ def _cmd_follow(args: argparse.Namespace, ctx: _Context) -> int:
     projection = SqlEvalProjection(ctx.engine)
     report = _FollowReport(ctx)
     if args.once:
-        report.done(projection.catch_up(log))
+        applied = projection.catch_up(log)
+        report.last = projection.lag(log)
+        report.done(applied)
         return EXIT_OK
     stop = threading.Event()
     with _stopped_by_signals(stop):

@@ -365,6 +365,10 @@ class SqlEvalProjection:
             if reached is None:
                 return applied
 
+    def lag(self, log: SqlEventLog) -> Lag:
+        """Return how far the projection is behind ``log`` (``applied`` is 0); takes no lock."""
+        return _follow.lag(self.bind, log, PROJECTION, 0)
+
     def follow(
         self,
         log: SqlEventLog,
