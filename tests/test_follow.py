@@ -434,3 +434,20 @@ def test_the_readme_service_example_runs(database: Database, migrated: sa.Engine
     example = section.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(example, "README.md", "exec"), {"url": database.url_with_token})
     assert ["followed"] == [study.name for study in SqlEvalStorage(migrated).list_studies()]
+
+
+def test_lag_counts_the_events_not_projected_yet(migrated: sa.Engine) -> None:
+    """``lag`` reports the events behind and when the newest projected one occurred."""
+    log = SqlEventLog(migrated)
+    projection = SqlEvalProjection(migrated)
+    first, second = (
+        StoredEvalEvent.new(StudyCreated(StudyId(uuid7()), name, PeriodType.DAILY))
+        for name in ("a", "b")
+    )
+    log.append([first, second])
+    assert (2, None) == (projection.lag(log).behind, projection.lag(log).newest_applied_at)
+    projection.catch_up(log)
+    assert (0, second.occurred_at) == (
+        projection.lag(log).behind,
+        projection.lag(log).newest_applied_at,
+    )
