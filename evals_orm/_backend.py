@@ -30,6 +30,12 @@ class BulkInsert(enum.Enum):
     EXECUTEMANY = "executemany"  # SQLAlchemy's own executemany
 
 
+# A follower's idle wait: local files are cheap to look at.
+_POLL_S = 0.1
+_REMOTE_POLL_S = 0.25
+_NOTIFIED_POLL_S = 5.0
+
+
 @attrs.frozen
 class Backend:
     """What the services need to know about the database behind an Engine."""
@@ -56,6 +62,10 @@ class Backend:
     any_array: bool
     # Execution options of the services' own write transactions.
     write_options: dict[str, str] = attrs.field(factory=dict)
+    # A follower's longest idle wait between two looks at the log (seconds).
+    poll_interval: float = _POLL_S
+    # Appends send a NOTIFY that followers LISTEN for (PostgreSQL through psycopg 3).
+    notifies: bool = False
 
 
 _CACHE: weakref.WeakKeyDictionary[sa.Engine, Backend] = weakref.WeakKeyDictionary()
@@ -106,6 +116,9 @@ def _compute(engine: sa.Engine) -> Backend:
             batch_size=_REMOTE_BATCH if remote else _BATCH,
             single_writer=True,
             any_array=False,
+            # Each look at a remote log is an HTTP request: fewer of them keep
+            # an idle follower cheap, well inside the 1 s it may lag.
+            poll_interval=_REMOTE_POLL_S if remote else _POLL_S,
         )
     if dialect.name == "postgresql":
         # psycopg 3's dialects, sync and async (whose ``driver`` is "psycopg" too).
@@ -127,6 +140,9 @@ def _compute(engine: sa.Engine) -> Backend:
             # A writer that waited for a lock row reads what its predecessor
             # committed instead of failing to serialise.
             write_options={"isolation_level": "READ COMMITTED"},
+            # Followers wake on NOTIFY; polling is only the safety net.
+            poll_interval=_NOTIFIED_POLL_S,
+            notifies=copy,
         )
     if dialect.name in ("mysql", "mariadb"):
         return Backend(

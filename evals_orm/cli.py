@@ -1,17 +1,24 @@
 """``evals-orm``: migrations, ingest, rebuild, queries and a demo from the command line.
 
 Exit status: 0 on success, 1 on a data error, 2 on a usage error, 130 when
-interrupted. Every error is one sentence on stderr, never a traceback.
+interrupted. ``follow`` and ``ingest`` take SIGINT and SIGTERM as a request to
+stop: they finish the batch in hand and exit with their usual status. Every
+error is one sentence on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import IO, Any, NoReturn
 from uuid import UUID
@@ -21,11 +28,12 @@ import sqlalchemy as sa
 
 from evals_orm import _demo, _render, sync
 from evals_orm._errors import database_file, translate
-from evals_orm._ingest import MAX_LINE_BYTES, IngestReport, ingest
-from evals_orm.converters import dumps, structure
+from evals_orm._follow import Lag
+from evals_orm._ingest import MAX_LINE_BYTES, IngestReport, ingest, paced_lines
+from evals_orm.converters import dumps, structure, unstructure
 from evals_orm.domain import StudyId, StudyStatus
 from evals_orm.engine import create_engine
-from evals_orm.errors import ConfigurationError, EvalsError, InvalidEventError
+from evals_orm.errors import ConfigurationError, DatabaseError, EvalsError, InvalidEventError
 from evals_orm.eventlog import SqlEventLog
 from evals_orm.projection import SqlEvalProjection
 from evals_orm.storage import SqlEvalStorage
@@ -185,13 +193,27 @@ def _ingest(
     ctx: _Context,
     inputs: Iterable[tuple[str, IO[bytes], int | None]],
     max_line_bytes: int = MAX_LINE_BYTES,
+    stop: threading.Event | None = None,
 ) -> IngestReport:
+    """Ingest every input; once ``stop`` is set, finish the open batch and skip the rest."""
     log = SqlEventLog(ctx.engine)
     projection = SqlEvalProjection(ctx.engine)
     report = IngestReport()
     for name, stream, size in inputs:
+        if stop is not None and stop.is_set():
+            break
+        lines: Iterable[bytes | None] = stream
+        if stream is sys.stdin.buffer:
+            # A pipe may never end: commit what arrived every FLUSH_AFTER_S.
+            lines = paced_lines(
+                stream,
+                stop=None if stop is None else stop.is_set,
+                max_line_bytes=max_line_bytes,
+            )
+        elif stop is not None:
+            lines = _until(stream, stop, max_line_bytes)
         report += ingest(
-            stream,
+            lines,
             log,
             projection,
             source=name,
@@ -201,6 +223,20 @@ def _ingest(
         )
     ctx.progress.clear()
     return report
+
+
+def _until(stream: IO[bytes], stop: threading.Event, limit: int) -> Iterator[bytes]:
+    """Yield the lines of ``stream`` until ``stop`` is set.
+
+    Of a line longer than ``limit`` only its first ``limit`` + 1 bytes are
+    read and yielded (``ingest`` reports it as too long); the rest is skipped.
+    """
+    while not stop.is_set() and (line := stream.readline(limit + 1)):
+        if len(line) > limit and not line.endswith(b"\n"):
+            rest = line
+            while rest and not rest.endswith(b"\n"):
+                rest = stream.readline(1 << 16)
+        yield line
 
 
 def _show_ingest(
@@ -220,9 +256,11 @@ def _show_ingest(
 
 def _cmd_ingest(args: argparse.Namespace, ctx: _Context) -> int:
     inputs = _open_inputs(args.files)
+    stop = threading.Event()
     try:
         ctx.existing_engine()
-        report = _ingest(ctx, inputs, args.max_line_bytes)
+        with _stopped_by_signals(stop):
+            report = _ingest(ctx, inputs, args.max_line_bytes, stop)
     finally:
         _close_inputs(inputs)
     bad = len(report.invalid)
@@ -242,6 +280,126 @@ def _cmd_ingest(args: argparse.Namespace, ctx: _Context) -> int:
             f"{report.already_logged} already logged, {bad} bad"
         )
     return EXIT_DATA if bad else EXIT_OK
+
+
+@contextmanager
+def _stopped_by_signals(stop: threading.Event) -> Iterator[None]:
+    """Let SIGINT and SIGTERM set ``stop`` (the work in hand is finished) instead of killing."""
+
+    def handle(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    previous = {number: signal.signal(number, handle) for number in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+# --- follow ----------------------------------------------------------------------
+
+
+class _FollowReport:
+    """Shows a follower's progress and lag: a live line on a terminal, else lines now and then.
+
+    A line is written when the state changed, at most every ``_EVERY_S``, so
+    an idle follower is quiet and a busy one does not flood its log.
+    """
+
+    _EVERY_S = 1.0
+
+    def __init__(self, ctx: _Context) -> None:
+        self.ctx = ctx
+        self.last: Lag | None = None
+        self._shown: tuple[int, int] | None = None
+        self._shown_at = 0.0
+
+    def progress(self, lag: Lag) -> None:
+        self.last = lag
+        if self.ctx.progress.enabled and not self.ctx.json:
+            self.ctx.progress.update(f"following: {self._text(lag)}")
+            return
+        now = time.monotonic()
+        if self._shown == (lag.applied, lag.behind) or now - self._shown_at < self._EVERY_S:
+            return
+        self._shown, self._shown_at = (lag.applied, lag.behind), now
+        self._write(lag)
+
+    def error(self, error: DatabaseError) -> None:
+        """Report one incident of a lost database (``follow`` retries it)."""
+        self.ctx.progress.print_above(f"{PROG}: {error}; retrying with backoff")
+        if self.ctx.json:
+            _print_json_line({"error": str(error), "retrying": True})
+
+    def done(self, applied: int) -> None:
+        self.ctx.progress.clear()
+        lag = (
+            Lag(applied, 0, None) if self.last is None else attrs.evolve(self.last, applied=applied)
+        )
+        if self.ctx.json:
+            _print_json_line({**self._json(lag), "stopped": True})
+        else:
+            print(f"stopped: {self._text(lag)}")
+
+    def _write(self, lag: Lag) -> None:
+        if self.ctx.json:
+            _print_json_line(self._json(lag))
+        else:
+            print(f"following: {self._text(lag)}", flush=True)
+
+    @staticmethod
+    def _age(lag: Lag) -> float | None:
+        if lag.newest_applied_at is None:
+            return None
+        return max((datetime.now(timezone.utc) - lag.newest_applied_at).total_seconds(), 0.0)
+
+    def _json(self, lag: Lag) -> dict[str, Any]:
+        age = self._age(lag)
+        return {
+            "applied": lag.applied,
+            "behind": lag.behind,
+            "newest_applied_at": None
+            if lag.newest_applied_at is None
+            else unstructure(lag.newest_applied_at),
+            "newest_applied_age_s": None if age is None else round(age, 3),
+        }
+
+    def _text(self, lag: Lag) -> str:
+        age = self._age(lag)
+        newest = (
+            "no event projected yet" if age is None else f"newest applied event {age:.1f} s old"
+        )
+        return f"{lag.applied} applied, {lag.behind} behind, {newest}"
+
+
+def _print_json_line(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False), flush=True)
+
+
+def _cmd_follow(args: argparse.Namespace, ctx: _Context) -> int:
+    log = SqlEventLog(ctx.engine)
+    projection = SqlEvalProjection(ctx.engine)
+    report = _FollowReport(ctx)
+    if args.once:
+        applied = projection.catch_up(log)
+        report.last = projection.lag(log)
+        report.done(applied)
+        return EXIT_OK
+    stop = threading.Event()
+    with _stopped_by_signals(stop):
+        applied = projection.follow(
+            log,
+            poll_interval=args.poll_interval,
+            stop=stop,
+            on_progress=report.progress,
+            on_error=report.error,
+        )
+    report.done(applied)
+    return EXIT_OK
 
 
 # --- rebuild -------------------------------------------------------------------
@@ -367,6 +525,16 @@ def _timestamp(text: str) -> datetime:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def _parser() -> _Parser:
     common = _Parser(add_help=False)
     # SUPPRESS keeps an option given before the subcommand from being reset
@@ -440,6 +608,21 @@ def _parser() -> _Parser:
     )
 
     command(commands, "rebuild", _cmd_rebuild, "rebuild the projection from the log")
+
+    follow = command(
+        commands,
+        "follow",
+        _cmd_follow,
+        "keep the projection caught up with the log until SIGINT or SIGTERM",
+    )
+    follow.add_argument("--once", action="store_true", help="catch up once and exit")
+    follow.add_argument(
+        "--poll-interval",
+        type=_seconds,
+        metavar="SECONDS",
+        help="longest wait between two looks at the log "
+        "(default: 0.1; 0.25 on remote libSQL; 5 on PostgreSQL, which is woken by NOTIFY)",
+    )
 
     studies = command(commands, "studies", _cmd_studies, "list the studies")
     studies.add_argument(

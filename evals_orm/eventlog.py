@@ -37,6 +37,8 @@ __all__ = [
 
 LOG = "log"
 _CHUNK = 1000
+# The channel an append notifies (PostgreSQL), for followers that LISTEN.
+CHANNEL = "evals_orm_events"
 _decode_payload = written_decoder(EvalEvent)
 
 # How far ahead of this clock an appended event_id may be dated. An id from
@@ -177,6 +179,8 @@ class SqlEventLog:
                         connection, [stored for stored, _ in new], self._last_position(connection)
                     )
                 appended += len(new)
+            if appended:
+                _notify(connection)
         return appended
 
     def _new_events(
@@ -296,6 +300,17 @@ def _describe_ahead(millis: int) -> str:
     if days:
         return "1 day" if days == 1 else f"{days} days"
     return str(timedelta(seconds=seconds))
+
+
+def _notify(connection: sa.Connection) -> None:
+    """Tell listening followers that the log grew, where the backend can.
+
+    A NOTIFY sent inside the appending transaction is delivered only when it
+    commits (and never if it rolls back), so a follower never wakes before
+    the events are visible to it.
+    """
+    if _tx.backend(connection.engine).notifies:
+        connection.execute(sa.select(sa.func.pg_notify(CHANNEL, "")))
 
 
 class LogReader(Iterator[StoredEvalEvent]):
