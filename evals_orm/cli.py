@@ -235,6 +235,8 @@ def _until(stream: IO[bytes], stop: threading.Event, limit: int) -> Iterator[byt
         if len(line) > limit and not line.endswith(b"\n"):
             rest = line
             while rest and not rest.endswith(b"\n"):
+                if stop.is_set():
+                    return
                 rest = stream.readline(1 << 16)
         yield line
 
