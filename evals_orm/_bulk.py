@@ -13,7 +13,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 from evals_orm._backend import BulkInsert, backend_of
 from evals_orm._copy import copy_rows
 
-__all__ = ["insert_rows", "one_of", "upsert", "upsert_one"]
+__all__ = ["insert_rows", "one_of", "upsert", "upsert_from_select", "upsert_one"]
 
 # SQLite's limit on the parameters of one statement (SQLITE_MAX_VARIABLE_NUMBER).
 _SQLITE_MAX_PARAMETERS = 32_766
@@ -79,6 +79,22 @@ def upsert(
     _execute_rows(connection, statement, rows)
 
 
+def upsert_from_select(
+    connection: sa.Connection,
+    entity: Any,
+    select: sa.Select[Any],
+    *,
+    key: Sequence[str],
+    update: Sequence[str],
+) -> None:
+    """Insert the rows of ``select`` (columns named as ``entity``'s), upserting on ``key``."""
+    names = [column.key for column in select.selected_columns]
+    statement = _upsert_statement(
+        connection, entity, key=key, set_=lambda new: {name: new[name] for name in update}
+    )
+    connection.execute(statement.from_select(names, select))
+
+
 def upsert_one(
     connection: sa.Connection,
     entity: Any,
@@ -105,7 +121,9 @@ def upsert_one(
 
 
 def one_of(
-    connection: sa.Connection, column: InstrumentedAttribute[Any], values: Collection[UUID]
+    connection: sa.Connection,
+    column: sa.ColumnElement[Any] | InstrumentedAttribute[Any],
+    values: Collection[UUID],
 ) -> sa.ColumnElement[bool]:
     """Return ``column IN values`` for a UUID column, fit for thousands of values.
 
@@ -136,7 +154,7 @@ def insert_rows(
         return 0
     backend = backend_of(connection.engine)
     assert backend.skips_conflicts or not skip_conflicts
-    table: sa.Table = entity.__table__
+    table: sa.Table = entity if isinstance(entity, sa.Table) else entity.__table__
     if backend.bulk_insert is BulkInsert.COPY:
         # Measured: apply_many of a 20,000-event stream takes about a third
         # of the time it takes with SQLAlchemy's executemany of the same rows.

@@ -324,6 +324,7 @@ class LogReader(Iterator[StoredEvalEvent]):
         self.log = log
         self.start = position
         self.position = position
+        self.limit = limit
         self._remaining = limit
         self._page: list[tuple[int, StoredEvalEvent]] = []
         self._index = 0

@@ -30,6 +30,8 @@ __all__ = [
     "Base",
     "CheckpointRow",
     "EventRow",
+    "RebuildCheckpointRow",
+    "RebuildStudyRow",
     "StudyRow",
     "TrackingRow",
     "metadata",
@@ -68,10 +70,8 @@ class Base(DeclarativeBase):
     }
 
 
-class StudyRow(Base):
-    """One row per study: its current state as the event stream left it."""
-
-    __tablename__ = "studies"
+class _StudyColumns:
+    """The columns of ``studies`` (and of the rebuild's copy of it)."""
 
     id: Mapped[UUID] = mapped_column(primary_key=True)
     name: Mapped[str]
@@ -86,13 +86,9 @@ class StudyRow(Base):
     # in the same statement as the state it produced.
     last_event_id: Mapped[UUID]
 
-    __table_args__ = _MYSQL_TABLE
 
-
-class CheckpointRow(Base):
-    """One row per recorded checkpoint."""
-
-    __tablename__ = "checkpoints"
+class _CheckpointColumns:
+    """The columns of ``checkpoints`` (and of the rebuild's copy of it)."""
 
     id: Mapped[UUID] = mapped_column(primary_key=True)
     study_id: Mapped[UUID]
@@ -101,10 +97,36 @@ class CheckpointRow(Base):
     events_analyzed: Mapped[int] = mapped_column(UInt64())
     sessions_included: Mapped[tuple[str, ...]] = mapped_column(WireJSON(tuple[str, ...]))
 
+
+class StudyRow(_StudyColumns, Base):
+    """One row per study: its current state as the event stream left it."""
+
+    __tablename__ = "studies"
+    __table_args__ = _MYSQL_TABLE
+
+
+class CheckpointRow(_CheckpointColumns, Base):
+    """One row per recorded checkpoint."""
+
+    __tablename__ = "checkpoints"
     __table_args__ = (
         sa.Index("idx_checkpoints_study_time", "study_id", "timestamp"),
         _MYSQL_TABLE,
     )
+
+
+class RebuildStudyRow(_StudyColumns, Base):
+    """``studies`` as a rebuild replays it, before it replaces the live rows."""
+
+    __tablename__ = "eval_rebuild_studies"
+    __table_args__ = _MYSQL_TABLE
+
+
+class RebuildCheckpointRow(_CheckpointColumns, Base):
+    """``checkpoints`` as a rebuild replays it, before it replaces the live rows."""
+
+    __tablename__ = "eval_rebuild_checkpoints"
+    __table_args__ = _MYSQL_TABLE
 
 
 class EventRow(Base):

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
 import attrs
@@ -51,16 +51,20 @@ from evals_orm.events import (
     StudyStopped,
     uuid7_time,
 )
-from evals_orm.models import CheckpointRow, StudyRow
+from evals_orm.models import (
+    Base,
+    CheckpointRow,
+    RebuildCheckpointRow,
+    RebuildStudyRow,
+    StudyRow,
+)
 
 __all__ = ["EvalProjection", "Lag", "SqlEvalProjection", "Stop"]
 
 PROJECTION = "projection"
-
-# ``studies.last_event_id`` of a row a rebuild has not replayed yet: the fold
-# treats the row as absent, and the rebuild deletes it if the stream never
-# creates its study again. No real event has this id (it is not a UUIDv7).
-_NOT_REPLAYED = UUID(int=0)
+# The lock row of the rebuild tables; its position is the generation of the
+# rebuild filling them (each rebuild takes the next one).
+REBUILD = "rebuild"
 
 
 @runtime_checkable
@@ -85,6 +89,33 @@ class EvalProjection(Protocol):
 
 
 _UPDATED_COLUMNS = tuple(field.name for field in attrs.fields(StudyState) if field.name != "id")
+
+
+@attrs.frozen
+class _Tables:
+    """Where a batch is applied: the live projection or a rebuild's copy of it."""
+
+    studies: sa.Table
+    checkpoints: sa.Table
+    state_columns: tuple[sa.Column[Any], ...]
+    checkpoint_columns: tuple[sa.Column[Any], ...]
+
+    @classmethod
+    def of(cls, studies_entity: type[Base], checkpoints_entity: type[Base]) -> _Tables:
+        """Return the tables, columns in ``StudyState``'s and ``Checkpoint``'s order."""
+        studies, checkpoints = studies_entity.__table__, checkpoints_entity.__table__
+        assert isinstance(studies, sa.Table)
+        assert isinstance(checkpoints, sa.Table)
+        return cls(
+            studies,
+            checkpoints,
+            tuple(studies.c[column.key] for column in STUDY_STATE_COLUMNS),
+            tuple(checkpoints.c[column.key] for column in CHECKPOINT_COLUMNS),
+        )
+
+
+_LIVE = _Tables.of(StudyRow, CheckpointRow)
+_COPY = _Tables.of(RebuildStudyRow, RebuildCheckpointRow)
 
 # (status, event type) -> new status; every pair not listed leaves the row as it is.
 _TRANSITIONS: dict[tuple[StudyStatus, type[object]], StudyStatus] = {
@@ -172,8 +203,10 @@ def _occurred_at(event_id: UUID) -> datetime:
         raise ProjectionError(event_id, "its time is after the year 9999") from None
 
 
-def apply_batch(connection: sa.Connection, events: list[StoredEvalEvent]) -> int:
-    """Apply ``events`` on ``connection``, whose transaction holds the projection lock.
+def apply_batch(
+    connection: sa.Connection, events: list[StoredEvalEvent], tables: _Tables = _LIVE
+) -> int:
+    """Apply ``events`` to ``tables`` on ``connection``, whose transaction holds their lock.
 
     Return how many were new. Nothing is written if an event is invalid.
     """
@@ -183,9 +216,10 @@ def apply_batch(connection: sa.Connection, events: list[StoredEvalEvent]) -> int
     studies = {
         row.id: StudyState.from_row(row)
         for row in connection.execute(
-            sa.select(*STUDY_STATE_COLUMNS).where(_bulk.one_of(connection, StudyRow.id, study_ids))
+            sa.select(*tables.state_columns).where(
+                _bulk.one_of(connection, tables.studies.c.id, study_ids)
+            )
         )
-        if row.last_event_id != _NOT_REPLAYED
     }
     batch = _Batch(studies=studies)
     # Where a bulk insert can skip existing keys and count what it inserted,
@@ -195,6 +229,7 @@ def apply_batch(connection: sa.Connection, events: list[StoredEvalEvent]) -> int
     if not skips:
         batch.checkpoints = _stored_checkpoints(
             connection,
+            tables,
             {stored.event.id for stored in events if isinstance(stored.event, CheckpointRecorded)},
         )
     try:
@@ -204,36 +239,38 @@ def apply_batch(connection: sa.Connection, events: list[StoredEvalEvent]) -> int
         if skips:
             # A stored checkpoint conflicting with an earlier event of the
             # batch is the first error of the stream.
-            _check_stored_checkpoints(connection, batch.new_checkpoints)
+            _check_stored_checkpoints(connection, tables, batch.new_checkpoints)
         raise
     _bulk.upsert(
         connection,
-        StudyRow,
+        tables.studies,
         [batch.studies[study_id].values() for study_id in sorted(batch.changed)],
         key=("id",),
         update=_UPDATED_COLUMNS,
     )
     rows = [checkpoint_values(checkpoint) for _, checkpoint in batch.new_checkpoints]
-    inserted = _bulk.insert_rows(connection, CheckpointRow, rows, skip_conflicts=skips)
+    inserted = _bulk.insert_rows(connection, tables.checkpoints, rows, skip_conflicts=skips)
     if inserted < len(rows):
-        _check_stored_checkpoints(connection, batch.new_checkpoints)
+        _check_stored_checkpoints(connection, tables, batch.new_checkpoints)
     return batch.applied
 
 
-def _stored_checkpoints(connection: sa.Connection, ids: set[UUID]) -> dict[UUID, Checkpoint]:
+def _stored_checkpoints(
+    connection: sa.Connection, tables: _Tables, ids: set[UUID]
+) -> dict[UUID, Checkpoint]:
     if not ids:
         return {}
-    statement = sa.select(*CHECKPOINT_COLUMNS).where(
-        _bulk.one_of(connection, CheckpointRow.id, ids)
+    statement = sa.select(*tables.checkpoint_columns).where(
+        _bulk.one_of(connection, tables.checkpoints.c.id, ids)
     )
     return {row.id: checkpoint_from_row(row) for row in connection.execute(statement)}
 
 
 def _check_stored_checkpoints(
-    connection: sa.Connection, recorded: list[tuple[UUID, Checkpoint]]
+    connection: sa.Connection, tables: _Tables, recorded: list[tuple[UUID, Checkpoint]]
 ) -> None:
     """Raise for the first recorded checkpoint whose id is stored with another payload."""
-    stored = _stored_checkpoints(connection, {checkpoint.id for _, checkpoint in recorded})
+    stored = _stored_checkpoints(connection, tables, {checkpoint.id for _, checkpoint in recorded})
     for event_id, checkpoint in recorded:
         found = stored.get(checkpoint.id)
         if found is not None and found != checkpoint:
@@ -242,25 +279,48 @@ def _check_stored_checkpoints(
             )
 
 
-def _replace_all(connection: sa.Connection) -> None:
-    """Start replacing the projection in place (projection lock held).
+def _empty_copy(connection: sa.Connection) -> None:
+    """Delete the rows of the rebuild tables (their lock held)."""
+    connection.execute(sa.delete(_COPY.checkpoints))
+    connection.execute(sa.delete(_COPY.studies))
 
-    The studies stay, marked as not replayed, so rows of other tables that
-    reference them keep their foreign keys; ``_drop_not_replayed`` removes
-    those the replay did not create again.
+
+def _replace_live(connection: sa.Connection) -> None:
+    """Make the live projection what the rebuild tables hold (both locks held).
+
+    Only rows that differ are written: a live row the copy holds as it is
+    stays untouched, so rows of other tables keep their foreign keys to it.
     """
-    connection.execute(sa.update(StudyRow).values(last_event_id=_NOT_REPLAYED))
-    connection.execute(sa.delete(CheckpointRow))
-
-
-def _drop_not_replayed(connection: sa.Connection) -> None:
+    live, copy = _LIVE, _COPY
+    checkpoint_names = [column.key for column in copy.checkpoint_columns]
+    kept = sa.exists().where(
+        *(copy.checkpoints.c[name] == live.checkpoints.c[name] for name in checkpoint_names)
+    )
+    connection.execute(sa.delete(live.checkpoints).where(~kept))
+    unchanged = sa.exists().where(
+        *(column.is_not_distinct_from(live.studies.c[column.key]) for column in copy.state_columns)
+    )
+    _bulk.upsert_from_select(
+        connection,
+        live.studies,
+        sa.select(*copy.state_columns).where(~unchanged),
+        key=("id",),
+        update=_UPDATED_COLUMNS,
+    )
+    replayed = sa.exists().where(copy.studies.c.id == live.studies.c.id)
     try:
-        connection.execute(sa.delete(StudyRow).where(StudyRow.last_event_id == _NOT_REPLAYED))
+        connection.execute(sa.delete(live.studies).where(~replayed))
     except sa.exc.IntegrityError:
         raise DatabaseError(
             "cannot remove studies the events no longer create: rows of other tables "
             "reference them; delete those rows first"
         ) from None
+    stored = sa.exists().where(live.checkpoints.c.id == copy.checkpoints.c.id)
+    connection.execute(
+        sa.insert(live.checkpoints).from_select(
+            checkpoint_names, sa.select(*copy.checkpoint_columns).where(~stored)
+        )
+    )
 
 
 def _clear_rows(connection: sa.Connection) -> None:
@@ -274,6 +334,71 @@ def _clear_rows(connection: sa.Connection) -> None:
             "delete those rows first, or rebuild instead"
         ) from None
     _locks.set_position(connection, PROJECTION, 0)
+
+
+@attrs.define
+class _Replay:
+    """One rebuild's replay into the rebuild tables, which it owns while its generation lasts."""
+
+    bind: _tx.Bind
+    generation: int
+    on_progress: Callable[[int], None] | None
+    applied: int = 0
+    replayed: int = 0
+    reported: int = 0
+
+    @classmethod
+    def start(cls, bind: _tx.Bind, on_progress: Callable[[int], None] | None) -> _Replay:
+        """Take the rebuild tables over (the next generation) and empty them."""
+        with _tx.transaction(bind) as connection:
+            generation = _locks.lock(connection, REBUILD) + 1
+            _locks.set_position(connection, REBUILD, generation)
+            _empty_copy(connection)
+        return cls(bind, generation, on_progress)
+
+    @contextmanager
+    def step(self) -> Iterator[sa.Connection]:
+        """Yield a Connection in a transaction of its own that owns the rebuild tables."""
+        with _tx.transaction(self.bind) as connection:
+            self.check(connection)
+            yield connection
+
+    def check(self, connection: sa.Connection) -> None:
+        """Take the rebuild tables' lock; raise if a later rebuild has taken them over."""
+        if _locks.lock(connection, REBUILD) != self.generation:
+            raise EvalsError(
+                "another rebuild of the projection started meanwhile and replaces this one"
+            )
+
+    def apply(self, connection: sa.Connection, events: list[StoredEvalEvent]) -> None:
+        """Apply ``events`` to the rebuild tables (their lock held)."""
+        self.applied += apply_batch(connection, events, _COPY)
+        self.replayed += len(events)
+
+    def report(self) -> None:
+        """Tell ``on_progress`` how many events are replayed, if more than last time."""
+        if self.on_progress is not None and self.replayed > self.reported:
+            self.reported = self.replayed
+            self.on_progress(self.replayed)
+
+    def catch_up(
+        self, connection: sa.Connection, log: SqlEventLog, position: int, limit: int
+    ) -> tuple[int, bool]:
+        """Apply up to ``limit`` events logged after ``position``.
+
+        Return the position reached and whether more may follow.
+        """
+        rows = log.fetch(position, limit)
+        if rows:
+            self.apply(connection, [stored for _, stored in rows])
+            position = rows[-1][0]
+        return position, len(rows) == limit
+
+    def finish(self) -> None:
+        """Empty the rebuild tables, unless a later rebuild has taken them over."""
+        with _tx.transaction(self.bind) as connection:
+            if _locks.lock(connection, REBUILD) == self.generation:
+                _empty_copy(connection)
 
 
 class SqlEvalProjection:
@@ -327,31 +452,57 @@ class SqlEvalProjection:
         *,
         on_progress: Callable[[int], None] | None = None,
     ) -> int:
-        """Replace the projection by replaying ``events`` in one transaction; return how many.
+        """Replace the projection by replaying ``events``; return how many were applied.
 
-        The projection is rewritten in place: studies the events create again
-        keep their rows (and the foreign keys of other tables to them).
-        Readers see the old projection until the new one is committed. Given
-        the log itself, or ``log.read()``, the position replayed to is
-        recorded, so the next ``catch_up`` starts there; after any other
+        The events are replayed into the rebuild tables, a batch per short
+        transaction, without the projection's lock: appends and their inline
+        projection go on meanwhile. Then one short transaction holding the
+        lock writes to the live tables only the rows that differ. Readers see
+        the old projection until then and the new one whole after; live rows
+        that stay as they are (and the foreign keys of other tables to them)
+        are untouched.
+
+        Given the log itself, or ``log.read()`` without a limit, the replay
+        also takes in what was logged meanwhile, and the position replayed to
+        is recorded, so the next ``catch_up`` starts there (after
+        ``log.read(limit=N)``: the position of those N). After any other
         iterable, ``catch_up`` starts from the beginning of the log and skips
         what the projection already has. ``on_progress`` gets the count of
-        events replayed so far after each batch.
+        events replayed so far after each committed step.
+
+        A rebuild started meanwhile takes the rebuild tables over: this one
+        then raises ``EvalsError`` and leaves the projection to the other.
+        Given a Connection or a Session, every step runs in the caller's
+        transaction.
         """
         if isinstance(events, SqlEventLog):
             events = events.read()
+        replay = _Replay.start(self.bind, on_progress)
+        for chunk in batched(events, self.batch_size):
+            with replay.step() as connection:
+                replay.apply(connection, chunk)
+            replay.report()
+        log, position = None, 0
+        if isinstance(events, LogReader) and events.start == 0:
+            position = events.position
+            if events.limit is None:
+                log = events.log
+        more = log is not None
+        while log is not None and more:
+            # What was logged meanwhile, still without the projection's lock.
+            with replay.step() as connection:
+                position, more = replay.catch_up(connection, log, position, self.batch_size)
+            replay.report()
         with self._locked() as (connection, _):
-            _replace_all(connection)
-            applied = replayed = 0
-            for chunk in batched(events, self.batch_size):
-                applied += apply_batch(connection, chunk)
-                replayed += len(chunk)
-                if on_progress is not None:
-                    on_progress(replayed)
-            _drop_not_replayed(connection)
-            position = events.position if isinstance(events, LogReader) and events.start == 0 else 0
+            replay.check(connection)
+            more = log is not None
+            while log is not None and more:
+                position, more = replay.catch_up(connection, log, position, self.batch_size)
+            _replace_live(connection)
             _locks.set_position(connection, PROJECTION, position)
-        return applied
+        replay.report()
+        replay.finish()
+        return replay.applied
 
     def clear(self) -> None:
         """Empty the projection and reset its catch-up position.

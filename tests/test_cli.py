@@ -160,11 +160,11 @@ def test_db_commands_migrate_and_an_unmigrated_schema_says_what_to_run(database:
     assert "run `evals-orm db upgrade`" in failed.stderr
 
     upgraded = run("db", "upgrade", database=database)
-    assert (0, "upgraded the database to revision evals_orm_0001\n") == (
+    assert (0, "upgraded the database to revision evals_orm_0002\n") == (
         upgraded.code,
         upgraded.stdout,
     )
-    assert "evals_orm_0001" == migrations.current(database.url, auth_token=database.auth_token)
+    assert "evals_orm_0002" == migrations.current(database.url, auth_token=database.auth_token)
     # `db current` into a pipe whose reader is gone (`| head`) ends quietly.
     piped, _ = start("db", "current", database=database)
     assert piped.stdout is not None

@@ -506,7 +506,11 @@ def test_reader_never_sees_a_logged_event_missing_from_the_projection(
 
 
 def test_rebuild_streams_the_log_in_pages(migrated: sa.Engine) -> None:
-    """rebuild(log.read()) fetches 1000-event pages as it goes, never the whole log at once."""
+    """rebuild(log.read()) fetches 1000-event pages as it goes, never the whole log at once.
+
+    Each page is replayed into the rebuild tables; the live ones are written
+    once, at the end, after a last look at the log finds nothing more.
+    """
     log = SqlEventLog(migrated)
     toggles = (_paused, _resumed)
     events = [_created(0, 0), _started(0, 1), *(toggles[n % 2](0, 2 + n) for n in range(2498))]
@@ -517,15 +521,19 @@ def test_rebuild_streams_the_log_in_pages(migrated: sa.Engine) -> None:
         text = " ".join(statement.split()).lower()
         if "from eval_events" in text and "limit" in text:
             steps.append("page")
-        elif text.startswith("insert into studies"):
+        elif text.startswith("insert into eval_rebuild_studies"):
             steps.append("write")
+        elif text.startswith("insert into studies"):
+            steps.append("replace")
 
     sa.event.listen(migrated, "before_cursor_execute", record)
     try:
         assert 2500 == SqlEvalProjection(migrated, batch_size=1000).rebuild(log.read())
     finally:
         sa.event.remove(migrated, "before_cursor_execute", record)
-    assert ["page", "write"] * 3 == [step for step, _ in itertools.groupby(steps)]
+    assert [*["page", "write"] * 3, "page", "replace"] == [
+        step for step, _ in itertools.groupby(steps)
+    ]
     assert _rebuilt_snapshot(migrated, log)[0][0].started_at is not None
 
 
@@ -541,6 +549,100 @@ def test_rebuild_from_the_log_of_an_in_memory_database(url: str) -> None:
         assert 1500 == len(_snapshot(engine)[1][_study(0)])
     finally:
         engine.dispose()
+
+
+# a rebuild does not hold writers up
+
+
+class _PausedRebuild:
+    """A rebuild on a thread of its own that pauses after its first committed batch."""
+
+    def __init__(self, projection: SqlEvalProjection, log: SqlEventLog) -> None:
+        self.paused, self._resume = threading.Event(), threading.Event()
+        self.outcome: list[int | BaseException] = []
+        self.overstayed = False
+        self._thread = threading.Thread(target=self._run, args=(projection, log))
+        self._thread.start()
+        assert self.paused.wait(60), "the rebuild never reported progress"
+
+    def _run(self, projection: SqlEvalProjection, log: SqlEventLog) -> None:
+        def pause(_done: int) -> None:
+            if not self.paused.is_set():
+                self.paused.set()
+                self.overstayed = not self._resume.wait(60)
+
+        try:
+            self.outcome.append(projection.rebuild(log, on_progress=pause))
+        except BaseException as error:  # handed to the test
+            self.outcome.append(error)
+
+    def finish(self) -> int | BaseException:
+        self._resume.set()
+        self._thread.join(120)
+        assert not self._thread.is_alive()
+        assert not self.overstayed, "the test did not resume the rebuild"
+        (outcome,) = self.outcome
+        return outcome
+
+
+def test_an_append_goes_on_while_a_rebuild_replays(migrated: sa.Engine) -> None:
+    """An inline-projected append commits while a rebuild is under way; the rebuild takes it in.
+
+    Readers see the append at once, and the old projection (with it) until
+    the rebuild replaces it with the same rows.
+    """
+    log = SqlEventLog(migrated)
+    projection = SqlEvalProjection(migrated, batch_size=5)
+    events = _history(3, 4)
+    log.append(events, projection=projection)
+    before = _snapshot(migrated)
+    rebuild = _PausedRebuild(projection, log)
+    try:
+        assert 1 == log.append(_checkpoint(0, 10_000), projection=projection)
+        during = _snapshot(migrated)
+    finally:
+        outcome = rebuild.finish()
+    assert len(events) + 1 == outcome
+    assert len(before[1][_study(0)]) + 1 == len(during[1][_study(0)])
+    assert during == _snapshot(migrated)
+    assert [(log.count(),)] == raw_rows(
+        migrated, "SELECT position FROM eval_tracking WHERE name = 'projection'"
+    )
+    assert 0 == projection.catch_up(log)
+    assert [(0,), (0,)] == raw_rows(
+        migrated,
+        "SELECT count(*) FROM eval_rebuild_studies UNION ALL "
+        "SELECT count(*) FROM eval_rebuild_checkpoints",
+    )
+
+
+def test_a_rebuild_started_meanwhile_replaces_the_one_under_way(migrated: sa.Engine) -> None:
+    """The later of two rebuilds wins; the earlier stops with a clear error, changing nothing."""
+    log = SqlEventLog(migrated)
+    projection = SqlEvalProjection(migrated, batch_size=5)
+    events = _history(3, 4)
+    log.append(events, projection=projection)
+    rebuild = _PausedRebuild(projection, log)
+    try:
+        assert len(events) == projection.rebuild(log)
+        after = _snapshot(migrated)
+    finally:
+        outcome = rebuild.finish()
+    assert isinstance(outcome, EvalsError)
+    assert "another rebuild of the projection started meanwhile" in str(outcome)
+    assert after == _snapshot(migrated) == _rebuilt_snapshot(migrated, log)
+    assert 0 == projection.catch_up(log)
+
+
+def test_rebuild_needs_the_second_revision(engine: sa.Engine) -> None:
+    """On a database migrated only to the first revision, rebuild asks for the upgrade."""
+    migrations.upgrade(engine, "evals_orm_0001")
+    log = SqlEventLog(engine)
+    log.append(_history(1, 1), projection=SqlEvalProjection(engine))
+    with pytest.raises(EvalsError, match=r"evals-orm db upgrade"):
+        SqlEvalProjection(engine).rebuild(log)
+    migrations.upgrade(engine)
+    assert len(_history(1, 1)) == SqlEvalProjection(engine).rebuild(log)
 
 
 # read_jsonl

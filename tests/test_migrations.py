@@ -38,8 +38,15 @@ from support import T0, checkpoint_row, raw_rows, seed, study_row
 
 REPO = Path(__file__).resolve().parent.parent
 ALEMBIC = Path(sys.executable).parent / "alembic"
-HEAD = "evals_orm_0001"
-OUR_TABLES = {"studies", "checkpoints", "eval_events", "eval_tracking"}
+HEAD = "evals_orm_0002"
+OUR_TABLES = {
+    "studies",
+    "checkpoints",
+    "eval_events",
+    "eval_tracking",
+    "eval_rebuild_studies",
+    "eval_rebuild_checkpoints",
+}
 SEED_DDL = """
 CREATE TABLE studies (id TEXT PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL,
   period_type TEXT NOT NULL, period_value INTEGER, config TEXT NOT NULL,
@@ -325,7 +332,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "9002"
-down_revision = "evals_orm_0001"
+down_revision = "evals_orm_0002"
 branch_labels = None
 depends_on = None
 
@@ -379,10 +386,10 @@ def test_batch_migration_keeps_every_row(engine: sa.Engine, tmp_path: Path) -> N
 
 def test_a_database_stamped_with_the_old_revision_id_keeps_upgrading(engine: sa.Engine) -> None:
     """A database stamped ``0001`` (the id before the rename) reads and upgrades as the new id."""
-    migrations.upgrade(engine)
+    migrations.upgrade(engine, "evals_orm_0001")
     with engine.begin() as connection:
         connection.exec_driver_sql(f"UPDATE {migrations.VERSION_TABLE} SET version_num = '0001'")
-    assert HEAD == migrations.current(engine)
+    assert "evals_orm_0001" == migrations.current(engine)
 
     migrations.upgrade(engine)
     assert [(HEAD,)] == raw_rows(engine, f"SELECT version_num FROM {migrations.VERSION_TABLE}")

@@ -65,7 +65,7 @@ def test_installed_wheel_migrates_without_a_source_tree(tmp_path: Path) -> None:
         tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
         version = connection.execute("SELECT version_num FROM evals_orm_alembic_version").fetchall()
     assert {"studies", "checkpoints", "eval_events", "eval_tracking"} <= tables
-    assert [("evals_orm_0001",)] == version
+    assert [("evals_orm_0002",)] == version
 
     # A host's ini section names the installed scripts as the README shows.
     (work / "alembic.ini").write_text(
@@ -76,4 +76,4 @@ def test_installed_wheel_migrates_without_a_source_tree(tmp_path: Path) -> None:
         assert 0 == ran.returncode, ran.stdout + ran.stderr
     with sqlite3.connect(work / "y.db") as connection:
         version = connection.execute("SELECT version_num FROM evals_orm_alembic_version").fetchall()
-    assert [("evals_orm_0001",)] == version
+    assert [("evals_orm_0002",)] == version
