@@ -18,7 +18,7 @@ duplicate: redelivery changes nothing, and a crash leaves a prefix.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
@@ -65,6 +65,8 @@ PROJECTION = "projection"
 # The lock row of the rebuild tables; its position is the generation of the
 # rebuild filling them (each rebuild takes the next one).
 REBUILD = "rebuild"
+# Ids per statement where a list of ids is bound (SQLite's parameter limit).
+_ID_CHUNK = 10_000
 
 
 @runtime_checkable
@@ -285,18 +287,74 @@ def _empty_copy(connection: sa.Connection) -> None:
     connection.execute(sa.delete(_COPY.studies))
 
 
-def _replace_live(connection: sa.Connection) -> None:
+def _identical_checkpoint() -> sa.Exists:
+    """``EXISTS`` a live checkpoint equal to the copy's row (correlated to both tables)."""
+    live, copy = _LIVE.checkpoints, _COPY.checkpoints
+    return sa.exists().where(*(copy.c[column.key] == live.c[column.key] for column in copy.c))
+
+
+def _differing_checkpoints(
+    connection: sa.Connection, after: UUID | None, limit: int
+) -> tuple[UUID | None, list[UUID]]:
+    """Compare up to ``limit`` copied checkpoints after ``after`` with the live ones.
+
+    Return the last id compared (``None``: none was left) and the ids of
+    those not identical live. Live checkpoints are never updated, and only
+    ``clear`` and ``rebuild`` delete them, both ending a rebuild under way:
+    a checkpoint found identical stays so until the replacement.
+    """
+    copy = _COPY.checkpoints
+    page = sa.select(RebuildCheckpointRow.id).order_by(RebuildCheckpointRow.id).limit(limit)
+    if after is not None:
+        page = page.where(RebuildCheckpointRow.id > after)
+    ids = connection.execute(page).scalars().all()
+    if not ids:
+        return None, []
+    differing = sa.select(RebuildCheckpointRow.id).where(
+        copy.c.id.between(ids[0], ids[-1]), ~_identical_checkpoint()
+    )
+    return ids[-1], list(connection.execute(differing).scalars())
+
+
+def _not_copied(connection: sa.Connection) -> list[UUID]:
+    """Return the ids of live checkpoints the copy does not hold (a read, no lock)."""
+    live, copy = _LIVE.checkpoints, _COPY.checkpoints
+    copied = sa.exists().where(copy.c.id == live.c.id)
+    return list(connection.execute(sa.select(live.c.id).where(~copied)).scalars())
+
+
+def _replace_live(
+    connection: sa.Connection, differing: Collection[UUID], not_copied: list[UUID]
+) -> None:
     """Make the live projection what the rebuild tables hold (both locks held).
 
     Only rows that differ are written: a live row the copy holds as it is
     stays untouched, so rows of other tables keep their foreign keys to it.
+    Of the checkpoints, only those found ``differing`` from (or missing in)
+    the live table and the live ones ``not_copied`` are looked at: the work
+    here grows with what changed, not with the size of the projection.
     """
     live, copy = _LIVE, _COPY
-    checkpoint_names = [column.key for column in copy.checkpoint_columns]
-    kept = sa.exists().where(
-        *(copy.checkpoints.c[name] == live.checkpoints.c[name] for name in checkpoint_names)
-    )
-    connection.execute(sa.delete(live.checkpoints).where(~kept))
+    pending = list(differing)
+    for chunk in batched(pending, _ID_CHUNK):
+        connection.execute(
+            sa.delete(live.checkpoints).where(
+                _bulk.one_of(connection, live.checkpoints.c.id, chunk), ~_identical_checkpoint()
+            )
+        )
+    copied = sa.exists().where(copy.checkpoints.c.id == live.checkpoints.c.id)
+    for chunk in batched(pending, _ID_CHUNK):
+        connection.execute(
+            sa.delete(live.checkpoints).where(
+                _bulk.one_of(connection, live.checkpoints.c.id, chunk), ~_identical_checkpoint()
+            )
+        )
+    for chunk in batched(not_copied, _ID_CHUNK):
+        connection.execute(
+            sa.delete(live.checkpoints).where(
+                _bulk.one_of(connection, live.checkpoints.c.id, chunk), ~copied
+            )
+        )
     unchanged = sa.exists().where(
         *(column.is_not_distinct_from(live.studies.c[column.key]) for column in copy.state_columns)
     )
@@ -316,11 +374,12 @@ def _replace_live(connection: sa.Connection) -> None:
             "reference them; delete those rows first"
         ) from None
     stored = sa.exists().where(live.checkpoints.c.id == copy.checkpoints.c.id)
-    connection.execute(
-        sa.insert(live.checkpoints).from_select(
-            checkpoint_names, sa.select(*copy.checkpoint_columns).where(~stored)
+    names = [column.key for column in copy.checkpoint_columns]
+    for chunk in batched(pending, _ID_CHUNK):
+        missing = sa.select(*copy.checkpoint_columns).where(
+            _bulk.one_of(connection, copy.checkpoints.c.id, chunk), ~stored
         )
-    )
+        connection.execute(sa.insert(live.checkpoints).from_select(names, missing))
 
 
 def _clear_rows(connection: sa.Connection) -> None:
@@ -346,6 +405,8 @@ class _Replay:
     applied: int = 0
     replayed: int = 0
     reported: int = 0
+    # After ``compare``: the copied checkpoints still to compare with the live ones.
+    differing: set[UUID] | None = None
 
     @classmethod
     def start(cls, bind: _tx.Bind, on_progress: Callable[[int], None] | None) -> _Replay:
@@ -374,6 +435,10 @@ class _Replay:
         """Apply ``events`` to the rebuild tables (their lock held)."""
         self.applied += apply_batch(connection, events, _COPY)
         self.replayed += len(events)
+        if self.differing is not None:
+            self.differing.update(
+                stored.event.id for stored in events if isinstance(stored.event, CheckpointRecorded)
+            )
 
     def report(self) -> None:
         """Tell ``on_progress`` how many events are replayed, if more than last time."""
@@ -393,6 +458,25 @@ class _Replay:
             self.apply(connection, [stored for _, stored in rows])
             position = rows[-1][0]
         return position, len(rows) == limit
+
+    def compare(self) -> list[UUID]:
+        """Compare the copied checkpoints with the live ones, a page per read.
+
+        Keep the ids of those not identical live in ``differing`` (and from
+        now on, those of every checkpoint replayed); return the ids of the
+        live checkpoints the copy does not hold. Reads only: no lock.
+        """
+        differing: set[UUID] = set()
+        after: UUID | None = None
+        while True:
+            with _tx.read(self.bind) as connection:
+                after, found = _differing_checkpoints(connection, after, _ID_CHUNK)
+            differing.update(found)
+            if after is None:
+                break
+        self.differing = differing
+        with _tx.read(self.bind) as connection:
+            return _not_copied(connection)
 
     def finish(self) -> None:
         """Empty the rebuild tables, unless a later rebuild has taken them over."""
@@ -470,8 +554,9 @@ class SqlEvalProjection:
         what the projection already has. ``on_progress`` gets the count of
         events replayed so far after each committed step.
 
-        A rebuild started meanwhile takes the rebuild tables over: this one
-        then raises ``EvalsError`` and leaves the projection to the other.
+        A rebuild started meanwhile takes the rebuild tables over, and
+        ``clear`` ends a rebuild under way too: this one then raises
+        ``EvalsError`` and leaves the projection as the other call made it.
         Given a Connection or a Session, every step runs in the caller's
         transaction.
         """
@@ -493,12 +578,13 @@ class SqlEvalProjection:
             with replay.step() as connection:
                 position, more = replay.catch_up(connection, log, position, self.batch_size)
             replay.report()
+        not_copied = replay.compare()
         with self._locked() as (connection, _):
             replay.check(connection)
             more = log is not None
             while log is not None and more:
                 position, more = replay.catch_up(connection, log, position, self.batch_size)
-            _replace_live(connection)
+            _replace_live(connection, replay.differing or (), not_copied)
             _locks.set_position(connection, PROJECTION, position)
         replay.report()
         replay.finish()
@@ -512,6 +598,9 @@ class SqlEvalProjection:
         """
         with self._locked() as (connection, _):
             _clear_rows(connection)
+            # A rebuild under way has compared its copy with the rows just
+            # deleted: it must not replace the projection (see ``_Replay``).
+            _locks.set_position(connection, REBUILD, _locks.lock(connection, REBUILD) + 1)
 
     def catch_up(self, log: SqlEventLog) -> int:
         """Apply every logged event not applied yet, in log order; return how many."""

@@ -29,6 +29,7 @@ from evals_orm import (
     CheckpointRecorded,
     EvalEvent,
     EvalProjection,
+    EvalsError,
     LongitudinalMetrics,
     PeriodType,
     ProjectionError,
@@ -268,6 +269,51 @@ def test_rebuild_replaces_the_projection(migrated: sa.Engine) -> None:
     projection.apply_many(lifecycle(S2))
     events = lifecycle(S1)
     assert len(events) == projection.rebuild(events + events)
+    assert reference(events) == snapshot(migrated)
+
+
+def test_rebuild_writes_exactly_the_rows_that_differ(migrated: sa.Engine) -> None:
+    """A checkpoint with another payload, a gone one, a new one, a changed study: all replaced."""
+    projection = SqlEvalProjection(migrated, batch_size=2)
+    kept = [at(0, created(S2)), at(1, checkpoint(20, S2))]
+    old = [*kept, at(2, created()), at(3, checkpoint(1)), at(4, checkpoint(2))]
+    new = [*kept, at(2, created()), at(3, checkpoint(1, tokens=8)), at(5, StudyStarted(S1))]
+    new.append(at(6, checkpoint(3)))
+    projection.apply_many(old)
+    written: list[str] = []
+
+    def record(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        text = " ".join(statement.split()).lower()
+        if text.startswith(("insert into studies", "insert into checkpoints", "delete from")):
+            written.append(text)
+
+    sa.event.listen(migrated, "before_cursor_execute", record)
+    try:
+        assert len(new) == projection.rebuild(new)
+    finally:
+        sa.event.remove(migrated, "before_cursor_execute", record)
+    assert reference(new) == snapshot(migrated)
+    assert any(text.startswith("insert into checkpoints") for text in written)
+    assert [checkpoint(20, S2).to_checkpoint()] == SqlEvalStorage(migrated).get_checkpoints(S2)
+
+
+def test_clear_ends_a_rebuild_under_way(migrated: sa.Engine) -> None:
+    """A rebuild whose live rows were cleared meanwhile stops instead of replacing them."""
+    projection = SqlEvalProjection(migrated, batch_size=1)
+    events = lifecycle()
+    projection.apply_many(events)
+    cleared = False
+
+    def clear_once(_done: int) -> None:
+        nonlocal cleared
+        if not cleared:
+            cleared = True
+            projection.clear()
+
+    with pytest.raises(EvalsError, match="started meanwhile"):
+        projection.rebuild(events, on_progress=clear_once)
+    assert ([], []) == snapshot(migrated)
+    assert len(events) == projection.rebuild(events)
     assert reference(events) == snapshot(migrated)
 
 
