@@ -23,6 +23,7 @@ from evals_orm import (
     CheckpointId,
     CheckpointRecorded,
     ConfigurationError,
+    DatabaseError,
     PeriodType,
     SchemaMissingError,
     SqlEvalProjection,
@@ -192,6 +193,37 @@ def test_a_replica_with_a_sync_interval_catches_up_by_itself(
     assert ([], {}) == states[0]
     assert _state(primary) == states[-1]
     assert [] == [counts for _, counts in states if set(counts.values()) - {CHECKPOINTS}]
+
+
+def test_a_replica_outlives_its_primary_and_catches_up_when_it_is_back(
+    server: SqldServer, primary: sa.Engine, replicas: list[sa.Engine]
+) -> None:
+    """The primary stopped: reads served, ``sync`` says why; restarted: ``sync`` catches up.
+
+    The primary comes back on the same port, data and key; the batch written
+    after it is back reaches the replica whole with the next ``sync``.
+    """
+    replica = replicas[0]
+    _append(primary, _batch("before"))
+    sync(replica)
+    primary.dispose()
+    server.stop()
+    while_down = _state(replica)
+    with pytest.raises(DatabaseError) as raised:
+        sync(replica)
+    server.start()
+    _append(primary, _batch("after"))
+    before_sync = _state(replica)
+    sync(replica)
+    names, counts = _state(replica)
+    message = str(raised.value)
+    assert (["before"], [CHECKPOINTS]) == (while_down[0], list(while_down[1].values()))
+    assert while_down == before_sync
+    assert message.startswith("cannot sync the embedded replica with its primary (")
+    assert "\n" not in message
+    assert server.auth_token not in message
+    assert _state(primary) == (names, counts)
+    assert (["after", "before"], {CHECKPOINTS}) == (names, set(counts.values()))
 
 
 def _writes(replica: sa.Engine, events: list[StoredEvalEvent]) -> dict[str, Callable[[], Any]]:
