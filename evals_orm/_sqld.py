@@ -132,6 +132,7 @@ class SqldServer:
         pid = self.pid
         os.kill(pid, signal.SIGSTOP)
         try:
+            _wait_until_stopped(pid)
             yield
         finally:
             os.kill(pid, signal.SIGCONT)
@@ -293,6 +294,21 @@ def _wait_until_ready(process: subprocess.Popen[bytes], server: SqldServer) -> N
         f"sqld on {server.url} not ready after {_STARTUP_TIMEOUT_S:.0f}s"
         f" ({last_error}):\n{server.log_tail()}"
     )
+
+
+def _wait_until_stopped(pid: int) -> None:
+    """Wait until every thread of ``pid`` is stopped: a signal lands asynchronously."""
+    deadline = time.monotonic() + _STOP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                # The state follows the parenthesised command name.
+                states.append(task.joinpath("stat").read_text().rpartition(")")[2].split()[0])
+        if states and set(states) <= {"T", "t"}:
+            return
+        time.sleep(0.01)
+    raise RuntimeError(f"sqld (pid {pid}) did not stop within {_STOP_TIMEOUT_S:.0f}s")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
