@@ -244,6 +244,8 @@ def create_async_engine(
     *,
     auth_token: str | None = None,
     encryption_key: str | None = None,
+    sync_url: str | None = None,
+    sync_interval: float | None = None,
     **engine_kwargs: Any,
 ) -> AsyncEngine:
     """Create an AsyncEngine for any URL ``create_engine`` takes, with an asyncio driver.
@@ -252,8 +254,16 @@ def create_async_engine(
     the URL names it), libSQL (embedded and remote) the package's
     ``sqlite+evals_aiolibsql`` adapter, which runs each connection on its own
     thread. The quirks, pools, token and encryption key handling are those of
-    ``create_engine``; embedded replicas are sync engines only.
+    ``create_engine``; embedded replicas are sync engines only: ``sync_url``
+    or ``sync_interval`` here is a ``ConfigurationError``.
     """
+    if sync_url is not None or sync_interval is not None:
+        # Not built: ``sync`` takes a sync Engine, and the threaded libSQL
+        # adapter has not been checked with replica connections.
+        raise ConfigurationError(
+            "an embedded replica (sync_url) is a sync engine: use evals_orm.create_engine "
+            "for it and call evals_orm.sync from a worker thread (asyncio.to_thread)"
+        )
     target = _with_libsql_options(_resolve(url, auth_token), None, None, encryption_key)
     if not target.is_async or target.family in ("libsql", "libsql-remote"):
         # Every libSQL URL gets the package's adapter: sqlalchemy-libsql's
