@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import tempfile
@@ -66,12 +67,14 @@ class SqldStartupError(RuntimeError):
     """sqld was found but did not start or did not accept the token."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class SqldServer:
     """A running sqld instance and the credentials to reach it.
 
     ``auth_token`` is a full-access JWT (empty claims); ``read_only_token`` carries
-    ``{"a": "ro"}``. Both are signed with a key made for this server only.
+    ``{"a": "ro"}``. Both are signed with a key made for this server only, which
+    ``restart`` keeps, with the port and the data directory: the tokens, URLs and
+    replicas of the old process work with the new one.
     """
 
     url: str
@@ -80,7 +83,59 @@ class SqldServer:
     read_only_token: str
     db_path: Path
     log_path: Path
-    pid: int
+    _command: list[str] = dataclasses.field(repr=False)
+    _env: dict[str, str] = dataclasses.field(repr=False)
+    _process: subprocess.Popen[bytes] | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        """Return the process id of the running server."""
+        if self._process is None:
+            raise RuntimeError(f"sqld on {self.url} is stopped")
+        return self._process.pid
+
+    def start(self) -> None:
+        """Start the server (again) on the same port, data directory and key; wait until ready."""
+        if self._process is not None:
+            raise RuntimeError(f"sqld on {self.url} is already running")
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                self._command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.log_path.parent,
+                env=self._env,
+                # Own process group: a Ctrl-C in pytest reaches us, and we stop sqld in order.
+                start_new_session=True,
+            )
+        try:
+            _wait_until_ready(self._process, self)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop the server (a paused one too); its data stays for ``start``."""
+        process, self._process = self._process, None
+        if process is not None:
+            _stop(process)
+
+    def restart(self) -> None:
+        """Stop the server and start it again on the same port, data directory and key."""
+        self.stop()
+        self.start()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Freeze the server (SIGSTOP) inside the block: it accepts TCP but never answers."""
+        pid = self.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            _wait_until_stopped(pid)
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -190,53 +245,42 @@ def running_sqld(
         )
     )
     db_path = tmp_dir / "sqld-data"
-    log_path = tmp_dir / "sqld.log"
     port = _free_port()
-    # SQLD_* variables in the caller's environment would silently change the server.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SQLD_", "LIBSQL_"))}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                str(path),
-                "--no-welcome",
-                "--db-path",
-                str(db_path),
-                "--http-listen-addr",
-                f"127.0.0.1:{port}",
-                "--auth-jwt-key-file",
-                str(key_file),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_dir,
-            env=env,
-            # Own process group: a Ctrl-C in pytest reaches us, and we stop sqld in order.
-            start_new_session=True,
-        )
+    server = SqldServer(
+        url=f"http://127.0.0.1:{port}",
+        port=port,
+        auth_token=_sign_jwt(key, {}),
+        read_only_token=_sign_jwt(key, {"a": "ro"}),
+        db_path=db_path,
+        log_path=tmp_dir / "sqld.log",
+        _command=[
+            str(path),
+            "--no-welcome",
+            "--db-path",
+            str(db_path),
+            "--http-listen-addr",
+            f"127.0.0.1:{port}",
+            "--auth-jwt-key-file",
+            str(key_file),
+        ],
+        # SQLD_* variables in the caller's environment would silently change the server.
+        _env={k: v for k, v in os.environ.items() if not k.startswith(("SQLD_", "LIBSQL_"))},
+    )
+    server.log_path.write_bytes(b"")
     try:
-        server = SqldServer(
-            url=f"http://127.0.0.1:{port}",
-            port=port,
-            auth_token=_sign_jwt(key, {}),
-            read_only_token=_sign_jwt(key, {"a": "ro"}),
-            db_path=db_path,
-            log_path=log_path,
-            pid=process.pid,
-        )
-        _wait_until_ready(process, server, log_path)
+        server.start()
         yield server
     finally:
-        _stop(process)
+        server.stop()
 
 
-def _wait_until_ready(process: subprocess.Popen[bytes], server: SqldServer, log: Path) -> None:
+def _wait_until_ready(process: subprocess.Popen[bytes], server: SqldServer) -> None:
     deadline = time.monotonic() + _STARTUP_TIMEOUT_S
     last_error = "no answer yet"
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SqldStartupError(
-                f"sqld exited with code {process.returncode} during startup:\n{_tail(log)}"
+                f"sqld exited with code {process.returncode} during startup:\n{server.log_tail()}"
             )
         try:
             # /health answers before auth is checked; a query proves the token works too.
@@ -248,13 +292,30 @@ def _wait_until_ready(process: subprocess.Popen[bytes], server: SqldServer, log:
         return
     raise SqldStartupError(
         f"sqld on {server.url} not ready after {_STARTUP_TIMEOUT_S:.0f}s"
-        f" ({last_error}):\n{_tail(log)}"
+        f" ({last_error}):\n{server.log_tail()}"
     )
+
+
+def _wait_until_stopped(pid: int) -> None:
+    """Wait until every thread of ``pid`` is stopped: a signal lands asynchronously."""
+    deadline = time.monotonic() + _STOP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                # The state follows the parenthesised command name.
+                states.append(task.joinpath("stat").read_text().rpartition(")")[2].split()[0])
+        if states and set(states) <= {"T", "t"}:
+            return
+        time.sleep(0.01)
+    raise RuntimeError(f"sqld (pid {pid}) did not stop within {_STOP_TIMEOUT_S:.0f}s")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.terminate()
+        # A paused server takes the TERM only once it runs again.
+        process.send_signal(signal.SIGCONT)
         try:
             process.wait(timeout=_STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:

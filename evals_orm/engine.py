@@ -12,6 +12,8 @@ import contextlib
 import functools
 import sqlite3
 import time
+import urllib.error
+import urllib.request
 import weakref
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
@@ -32,7 +34,7 @@ from evals_orm._backend import mark_embedded_replica
 from evals_orm._writer import install as install_writer_slot
 from evals_orm.errors import ConfigurationError, DatabaseError
 
-__all__ = ["BUSY_TIMEOUT_MS", "create_async_engine", "create_engine", "sync"]
+__all__ = ["BUSY_TIMEOUT_MS", "SYNC_TIMEOUT_S", "create_async_engine", "create_engine", "sync"]
 
 # The pyproject entry point makes the URL resolve in any process (Alembic's
 # included); registering here also covers a source tree that is not installed.
@@ -40,6 +42,12 @@ registry.register("sqlite.evals_aiolibsql", "evals_orm._aiolibsql", "AsyncLibsql
 
 CACHE_KIB = 64 * 1024
 REMOTE_POOL_RECYCLE_S = 5
+# How long ``sync`` (and a replica connection being opened) waits for the
+# primary to answer before giving up on it.
+SYNC_TIMEOUT_S = 10.0
+# Set in a pool record's info: the replica connection could not reach its
+# primary, so this one reads the local file only (the text is why).
+_OFFLINE = "evals_orm.replica_offline"
 _SUPPORTED = (
     "sqlite:///PATH or sqlite:// (any SQLite driver, e.g. sqlite+pysqlite), "
     "sqlite+libsql:///PATH, sqlite+libsql://, libsql://HOST, https://HOST, http://HOST:PORT "
@@ -81,8 +89,10 @@ _MYSQL_MIN = (8, 0, 16)
 MYSQL_POOL_RECYCLE_S = 3600
 
 _E = TypeVar("_E", Engine, AsyncEngine)
-# Engines made with sync_url (the ones ``sync`` may pull into) and their secrets.
-_REPLICAS: weakref.WeakKeyDictionary[Engine, tuple[str, ...]] = weakref.WeakKeyDictionary()
+# Engines made with sync_url (the ones ``sync`` may pull into): their primary's URL and secrets.
+_REPLICAS: weakref.WeakKeyDictionary[Engine, tuple[str, tuple[str, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
 _Family = Literal["sqlite", "libsql", "libsql-remote", "postgresql", "mysql"]
 
 
@@ -143,7 +153,9 @@ def create_engine(
 
     A libSQL file with ``sync_url`` is an embedded replica of that primary
     (``sync(engine)`` pulls; ``sync_interval`` seconds also pull in the
-    background); ``encryption_key`` encrypts a libSQL file at rest. Neither
+    background; a connection opened while the primary is unreachable reads the
+    local file and refuses writes, until ``sync`` replaces it);
+    ``encryption_key`` encrypts a libSQL file at rest. Neither
     the token nor the key is ever shown in a URL, repr, log or error.
     """
     target = _resolve(url, auth_token)
@@ -161,7 +173,7 @@ def create_engine(
         engine_kwargs = _in_schema(schema, engine_kwargs)
     engine = _build(sa.create_engine, target, engine_kwargs)
     if target.sync_url is not None:
-        _REPLICAS[engine] = target.secrets
+        _REPLICAS[engine] = (target.sync_url, target.secrets)
         mark_embedded_replica(engine)
     # Before any connection: the host application's own writes queue for the
     # writer slot too (see evals_orm._writer).
@@ -169,27 +181,62 @@ def create_engine(
     return engine
 
 
-def sync(engine: Engine) -> Any:
+def sync(engine: Engine, *, timeout: float = SYNC_TIMEOUT_S) -> Any:
     """Pull the primary's changes into an embedded-replica engine; return what the driver reports.
 
     Raises ``DatabaseError`` naming the cause when the primary cannot be
-    reached; reads of the replica keep working from its local file meanwhile.
+    reached, or does not answer within ``timeout`` seconds; reads of the
+    replica keep working from its local file meanwhile.
+
+    The wait is bounded by asking the primary for an answer before the pull:
+    the driver has no timeout of its own and keeps the GIL while it waits, so
+    no thread could bound (or abandon) the pull itself. A primary that stops
+    answering in the middle of a pull still holds ``sync`` until it answers
+    again.
     """
     if engine not in _REPLICAS:
         raise ConfigurationError(
             "evals_orm.sync needs an embedded-replica engine "
             "(create_engine('sqlite+libsql:///PATH', sync_url=...))"
         )
+    sync_url, secrets = _REPLICAS[engine]
     try:
-        with engine.connect() as connection:
-            return connection.connection.dbapi_connection.sync()  # type: ignore[union-attr]
+        cause = _unanswered(sync_url, timeout)
+        if cause is None:
+            with engine.connect() as connection:
+                if _OFFLINE in connection.connection.info:
+                    # Opened while the primary was unreachable: replaced by
+                    # a replica connection, or the reason it still cannot be.
+                    connection.invalidate()
+                cause = connection.connection.info.get(_OFFLINE)
+                if cause is None:
+                    return connection.connection.dbapi_connection.sync()  # type: ignore[union-attr]
     except (ValueError, sa.exc.DBAPIError) as error:
         cause = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
-        raise DatabaseError(
-            f"cannot sync the embedded replica with its primary "
-            f"({_redact(cause, *_REPLICAS[engine])}); "
-            "check the sync URL, the auth token and that the primary is running"
-        ) from None
+    raise DatabaseError(
+        f"cannot sync the embedded replica with its primary ({_redact(cause, *secrets)}); "
+        "check the sync URL, the auth token and that the primary is running"
+    )
+
+
+def _unanswered(sync_url: str, timeout: float) -> str | None:
+    """Ask the primary for any HTTP answer; return why there was none, or None.
+
+    Any status counts as an answer: the request only proves that the server
+    talks before the driver, which would wait for it forever, is called.
+    """
+    # The driver connects directly, whatever the proxy variables say; so does this.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{sync_url}/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except OSError as error:  # URLError included
+        reason = getattr(error, "reason", error)
+        if isinstance(reason, TimeoutError):
+            return f"the primary did not answer within {timeout:g} s"
+        return f"the primary is unreachable: {reason}"
 
 
 def create_async_engine(
@@ -197,6 +244,8 @@ def create_async_engine(
     *,
     auth_token: str | None = None,
     encryption_key: str | None = None,
+    sync_url: str | None = None,
+    sync_interval: float | None = None,
     **engine_kwargs: Any,
 ) -> AsyncEngine:
     """Create an AsyncEngine for any URL ``create_engine`` takes, with an asyncio driver.
@@ -205,8 +254,16 @@ def create_async_engine(
     the URL names it), libSQL (embedded and remote) the package's
     ``sqlite+evals_aiolibsql`` adapter, which runs each connection on its own
     thread. The quirks, pools, token and encryption key handling are those of
-    ``create_engine``; embedded replicas are sync engines only.
+    ``create_engine``; embedded replicas are sync engines only: ``sync_url``
+    or ``sync_interval`` here is a ``ConfigurationError``.
     """
+    if sync_url is not None or sync_interval is not None:
+        # Not built: ``sync`` takes a sync Engine, and the threaded libSQL
+        # adapter has not been checked with replica connections.
+        raise ConfigurationError(
+            "an embedded replica (sync_url) is a sync engine: use evals_orm.create_engine "
+            "for it and call evals_orm.sync from a worker thread (asyncio.to_thread)"
+        )
     target = _with_libsql_options(_resolve(url, auth_token), None, None, encryption_key)
     if not target.is_async or target.family in ("libsql", "libsql-remote"):
         # Every libSQL URL gets the package's adapter: sqlalchemy-libsql's
@@ -659,9 +716,11 @@ def _typed_connect_errors(engine: Engine, target: _Target) -> None:
 
     @event.listens_for(engine, "do_connect")
     def connect(
-        dialect: sa.Dialect, _record: ConnectionPoolEntry, cargs: Any, cparams: Any
+        dialect: sa.Dialect, record: ConnectionPoolEntry, cargs: Any, cparams: Any
     ) -> DBAPIConnection:
         try:
+            if target.sync_url is not None:
+                return _replica_connection(dialect, record, target.sync_url, cargs, cparams)
             connection: DBAPIConnection = dialect.loaded_dbapi.connect(*cargs, **cparams)
             if remote:
                 connection.execute("SELECT 1")
@@ -670,3 +729,35 @@ def _typed_connect_errors(engine: Engine, target: _Target) -> None:
                 raise
             raise sa.exc.OperationalError(None, None, _driver_failure(error, target)) from None
         return connection
+
+
+def _replica_connection(
+    dialect: sa.Dialect, record: ConnectionPoolEntry, sync_url: str, cargs: Any, cparams: Any
+) -> DBAPIConnection:
+    """Open a replica connection, or the local file alone when the primary cannot be reached.
+
+    The driver contacts the primary to open a replica connection: refused, it
+    fails; unanswered, it would wait forever. The local file still serves
+    reads then, on a connection that refuses writes (a write through a
+    replica belongs on the primary, which is away); ``sync`` replaces it.
+    """
+    cause = _unanswered(sync_url, SYNC_TIMEOUT_S)
+    if cause is None:
+        try:
+            replica: DBAPIConnection = dialect.loaded_dbapi.connect(*cargs, **cparams)
+        except BaseException as error:
+            if not _is_libsql_failure(error):
+                raise
+            cause = str(error).strip().splitlines()[0]
+        else:
+            return replica
+    local_only = {k: v for k, v in cparams.items() if k not in ("sync_url", "sync_interval")}
+    local_only.pop("auth_token", None)
+    connection: DBAPIConnection = dialect.loaded_dbapi.connect(*cargs, **local_only)
+    cursor = connection.cursor()
+    try:
+        cursor.execute("PRAGMA query_only=ON")
+    finally:
+        cursor.close()
+    record.info[_OFFLINE] = cause
+    return connection

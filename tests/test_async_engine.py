@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
@@ -459,3 +459,12 @@ def test_a_stale_snapshot_fails_at_once_instead_of_waiting(tmp_path: Path) -> No
     elapsed, message = _using(database, outdated)
     assert "database is locked" in message
     assert elapsed < 2
+
+
+@pytest.mark.parametrize("option", [{"sync_url": "http://127.0.0.1:8080"}, {"sync_interval": 5}])
+def test_an_async_embedded_replica_is_refused_in_one_sentence(
+    tmp_path: Path, option: dict[str, Any]
+) -> None:
+    """Embedded replicas are sync engines: the async factory says so instead of a TypeError."""
+    with pytest.raises(ConfigurationError, match=r"embedded replica \(sync_url\) is a sync engine"):
+        create_async_engine(f"sqlite+libsql:///{tmp_path / 'replica.db'}", **option)

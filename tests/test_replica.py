@@ -23,6 +23,7 @@ from evals_orm import (
     CheckpointId,
     CheckpointRecorded,
     ConfigurationError,
+    DatabaseError,
     PeriodType,
     SchemaMissingError,
     SqlEvalProjection,
@@ -194,6 +195,75 @@ def test_a_replica_with_a_sync_interval_catches_up_by_itself(
     assert [] == [counts for _, counts in states if set(counts.values()) - {CHECKPOINTS}]
 
 
+def test_a_replica_outlives_its_primary_and_catches_up_when_it_is_back(
+    server: SqldServer, primary: sa.Engine, replicas: list[sa.Engine]
+) -> None:
+    """The primary stopped: reads served, ``sync`` says why; restarted: ``sync`` catches up.
+
+    The primary comes back on the same port, data and key; the batch written
+    after it is back reaches the replica whole with the next ``sync``.
+    """
+    replica = replicas[0]
+    _append(primary, _batch("before"))
+    sync(replica)
+    primary.dispose()
+    server.stop()
+    while_down = _state(replica)
+    with pytest.raises(DatabaseError) as raised:
+        sync(replica)
+    server.start()
+    _append(primary, _batch("after"))
+    before_sync = _state(replica)
+    sync(replica)
+    names, counts = _state(replica)
+    message = str(raised.value)
+    assert (["before"], [CHECKPOINTS]) == (while_down[0], list(while_down[1].values()))
+    assert while_down == before_sync
+    assert message.startswith("cannot sync the embedded replica with its primary (")
+    assert "\n" not in message
+    assert server.auth_token not in message
+    assert _state(primary) == (names, counts)
+    assert (["after", "before"], {CHECKPOINTS}) == (names, set(counts.values()))
+
+
+def test_sync_gives_up_on_a_primary_that_does_not_answer(
+    server: SqldServer, primary: sa.Engine, replicas: list[sa.Engine], tmp_path: Path
+) -> None:
+    """A frozen primary (SIGSTOP: it accepts TCP, never answers) fails ``sync`` after its timeout.
+
+    The replica keeps serving reads, a fresh replica engine of the same file
+    too (it reads the local file and refuses writes); once the primary runs
+    again, ``sync`` pulls the batch written meanwhile, whole.
+    """
+    replica = replicas[0]
+    _append(primary, _batch("before"))
+    sync(replica)
+    with server.paused():
+        with pytest.raises(DatabaseError) as raised:
+            sync(replica, timeout=1)
+        while_frozen = _state(replica)
+        reopened = _replica(server, tmp_path / "replica1.db")
+        reopened_state = _state(reopened)
+        with reopened.connect() as connection, pytest.raises(sa.exc.OperationalError) as write:
+            connection.exec_driver_sql("CREATE TABLE local_only (value TEXT)")
+        with pytest.raises(DatabaseError) as reopened_sync:
+            sync(reopened, timeout=1)
+    _append(primary, _batch("after"))
+    sync(replica)
+    sync(reopened)
+    message = str(raised.value)
+    assert (["before"], [CHECKPOINTS]) == (while_frozen[0], list(while_frozen[1].values()))
+    assert while_frozen == reopened_state
+    assert "readonly" in str(write.value)
+    assert message == str(reopened_sync.value)
+    assert message.startswith(
+        "cannot sync the embedded replica with its primary (the primary did not answer within 1 s)"
+    )
+    assert _state(primary) == _state(replica) == _state(reopened)
+    assert ["after", "before"] == _state(replica)[0]
+    reopened.dispose()
+
+
 def _writes(replica: sa.Engine, events: list[StoredEvalEvent]) -> dict[str, Callable[[], Any]]:
     log, projection = SqlEventLog(replica), SqlEvalProjection(replica)
     return {
@@ -302,6 +372,34 @@ def test_cli_sync_pulls_and_json_output_stays_clean(
     assert _REFUSED in refused.stderr
     assert 1 == len(refused.stderr.splitlines())
     assert before == _rows(primary)
+
+
+@pytest.mark.usefixtures("cli_env")
+def test_cli_sync_with_the_primary_stopped_and_back(
+    server: SqldServer, primary: sa.Engine, tmp_path: Path
+) -> None:
+    """``evals-orm sync`` while the primary is stopped: one sentence, exit 1; back: it catches up.
+
+    The replica's studies stay readable from the command line meanwhile.
+    """
+    url = f"sqlite+libsql:///{tmp_path / 'replica.db'}"
+    env = {"EVALS_ORM_SYNC_URL": server.url, "EVALS_ORM_AUTH_TOKEN": server.auth_token}
+    _append(primary, _batch("before"))
+    run("--url", url, "sync", env=env)
+    primary.dispose()
+    server.stop()
+    down = run("--url", url, "sync", "--json", env=env)
+    read_down = run("--url", url, "studies", "--json", env=env)
+    server.start()
+    _append(primary, _batch("after"))
+    back = run("--url", url, "sync", "--json", env=env)
+    read_back = run("--url", url, "studies", "--json", env=env)
+    assert (1, "") == (down.code, down.stdout)
+    assert "cannot sync the embedded replica with its primary" in down.stderr
+    assert 1 == len(down.stderr.splitlines())
+    assert (0, ["before"]) == (read_down.code, [study["name"] for study in read_down.json()])
+    assert (0, True) == (back.code, back.json()["synced"])
+    assert ["after", "before"] == sorted(study["name"] for study in read_back.json())
 
 
 @pytest.mark.usefixtures("cli_env")

@@ -200,8 +200,29 @@ def test_server_is_stopped_after_the_context(tmp_path: Path) -> None:
         pytest.skip(str(exc))
     with running_sqld(tmp_path) as running:
         assert _post_pipeline(running, "SELECT 1", running.auth_token) == 200
+        pid = running.pid
 
     with pytest.raises(ProcessLookupError):
-        os.kill(running.pid, 0)
+        os.kill(pid, 0)
+    with pytest.raises(RuntimeError, match="is stopped"):
+        _ = running.pid
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", running.port), timeout=2).close()
+
+
+def test_a_restarted_server_keeps_its_port_data_and_key(tmp_path: Path) -> None:
+    """``stop`` + ``start`` brings the same database back on the same URL; the tokens still work."""
+    try:
+        find_sqld()
+    except SqldUnavailable as exc:
+        pytest.skip(str(exc))
+    with running_sqld(tmp_path) as running:
+        running.execute("CREATE TABLE kept (value TEXT)", "INSERT INTO kept VALUES ('row')")
+        first_pid = running.pid
+        running.stop()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", running.port), timeout=2).close()
+        running.start()
+        (rows,) = running.execute("SELECT value FROM kept")
+        assert (first_pid != running.pid, [("row",)]) == (True, rows)
+        assert _post_pipeline(running, "SELECT 1", running.read_only_token) == 200
