@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from evals_orm import _bulk, _follow, _locks, _tx
 from evals_orm._follow import Lag, Stop
-from evals_orm._iter import batched
+from evals_orm._iter import batched_without_gc
 from evals_orm._rows import (
     CHECKPOINT_COLUMNS,
     STUDY_STATE_COLUMNS,
@@ -316,7 +316,7 @@ class SqlEvalProjection:
         before its own stay committed and ``ProjectionError`` is raised.
         """
         applied = 0
-        for chunk in batched(events, self.batch_size):
+        for chunk in batched_without_gc(events, self.batch_size):
             with self._locked() as (connection, _):
                 applied += apply_batch(connection, chunk)
         return applied
@@ -343,7 +343,7 @@ class SqlEvalProjection:
         with self._locked() as (connection, _):
             _replace_all(connection)
             applied = replayed = 0
-            for chunk in batched(events, self.batch_size):
+            for chunk in batched_without_gc(events, self.batch_size):
                 applied += apply_batch(connection, chunk)
                 replayed += len(chunk)
                 if on_progress is not None:

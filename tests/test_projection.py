@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import signal
 import subprocess
@@ -697,6 +698,52 @@ def test_apply_many_consumes_its_iterable_lazily(migrated: sa.Engine) -> None:
         projection.apply_many(endless())
     assert [(0, 0), (3, 3), (6, 6), (9, 9)] == seen
     assert 9 == len(storage.list_studies())
+
+
+@pytest.mark.parametrize("collector", ["on", "off"])
+def test_batches_pause_the_cyclic_gc_and_leave_it_as_found(
+    migrated: sa.Engine, collector: str
+) -> None:
+    """While a batch is drawn, applied and reported the cyclic GC is off; after
+    apply_many or rebuild, failed or not, it is as it was before."""
+    was_enabled = gc.isenabled()
+    if collector == "on":
+        gc.enable()
+    else:
+        gc.disable()
+    try:
+        projection = SqlEvalProjection(migrated, batch_size=3)
+        drawn: list[bool] = []
+
+        def watched(events: Iterable[StoredEvalEvent]) -> Iterator[StoredEvalEvent]:
+            for stored in events:
+                drawn.append(gc.isenabled())
+                yield stored
+
+        between: list[bool] = []
+
+        def progress(_: int) -> None:
+            between.append(gc.isenabled())
+
+        events = interleaved()
+        assert len(events) == projection.apply_many(watched(events))
+        assert gc.isenabled() is (collector == "on")
+        assert len(events) == projection.rebuild(watched(events), on_progress=progress)
+        assert gc.isenabled() is (collector == "on")
+        with pytest.raises(ProjectionError):
+            projection.rebuild(watched([*lifecycle(S2), at(9, created(S2))]))
+        assert gc.isenabled() is (collector == "on")
+        assert drawn
+        assert not any(drawn)
+        # on_progress runs after each batch is applied, still inside it.
+        assert len(between) == 5
+        assert not any(between)
+        assert reference(events) == snapshot(migrated)
+    finally:
+        if was_enabled:
+            gc.enable()
+        else:
+            gc.disable()
 
 
 # --- processes: crash safety and concurrent projectors ------------------------------------
