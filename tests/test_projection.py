@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -700,6 +701,12 @@ def test_apply_many_consumes_its_iterable_lazily(migrated: sa.Engine) -> None:
     assert 9 == len(storage.list_studies())
 
 
+class Cycle:
+    """An object that will refer to itself: only the cyclic GC frees it."""
+
+    itself: Cycle | None = None
+
+
 @pytest.mark.parametrize("collector", ["on", "off"])
 def test_batches_pause_the_cyclic_gc_and_leave_it_as_found(
     migrated: sa.Engine, collector: str
@@ -714,10 +721,21 @@ def test_batches_pause_the_cyclic_gc_and_leave_it_as_found(
     try:
         projection = SqlEvalProjection(migrated, batch_size=3)
         drawn: list[bool] = []
+        # A reference cycle made at each batch's first event, and whether
+        # the previous batch's was collected by then.
+        cycles: list[weakref.ref[Cycle]] = []
+        collected: list[bool] = []
 
         def watched(events: Iterable[StoredEvalEvent]) -> Iterator[StoredEvalEvent]:
-            for stored in events:
+            for index, stored in enumerate(events):
                 drawn.append(gc.isenabled())
+                if index % 3 == 0:
+                    if cycles:
+                        collected.append(cycles[-1]() is None)
+                    cycle = Cycle()
+                    cycle.itself = cycle
+                    cycles.append(weakref.ref(cycle))
+                    del cycle
                 yield stored
 
         between: list[bool] = []
@@ -735,6 +753,9 @@ def test_batches_pause_the_cyclic_gc_and_leave_it_as_found(
         assert gc.isenabled() is (collector == "on")
         assert drawn
         assert not any(drawn)
+        # Cycles do not pile up over a long stream: each batch's are freed after it.
+        assert collected
+        assert all(collected) if collector == "on" else not any(collected)
         # on_progress runs after each batch is applied, still inside it.
         assert len(between) == 5
         assert not any(between)
