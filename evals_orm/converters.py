@@ -163,13 +163,23 @@ def _with_nanosecond(moment: datetime, nanosecond: int) -> NanoDatetime:
     return NanoDatetime(*fields, moment.microsecond, _UTC, nanosecond=nanosecond)
 
 
+# orjson writes "YYYY-MM-DDTHH:MM:SSZ" of an aware datetime several times
+# faster than isoformat; the fraction is written below, as chrono does.
+_TO_SECONDS = orjson.OPT_UTC_Z | orjson.OPT_OMIT_MICROSECONDS
+
+
+def _plain_datetime(value: datetime) -> datetime:
+    # orjson writes datetime itself, not subclasses such as NanoDatetime.
+    return datetime(*value.timetuple()[:6], tzinfo=value.tzinfo)
+
+
 def _unstructure_datetime(value: datetime) -> str:
     """Write RFC 3339 UTC with ``Z`` and 0, 3, 6 or 9 fraction digits, as chrono's AutoSi."""
     if value.tzinfo is not _UTC:
         if value.utcoffset() is None:
             raise FieldError("", f"naive datetime {value.isoformat()} has no offset")
         value = value.astimezone(_UTC)
-    text = value.isoformat(timespec="seconds")[:-6]
+    text = orjson.dumps(value, default=_plain_datetime, option=_TO_SECONDS)[1:-2].decode()
     nanos = value.microsecond * 1000 + getattr(value, "nanosecond", 0)
     if not nanos:
         return text + "Z"

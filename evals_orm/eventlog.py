@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from evals_orm import _bulk, _locks, _tx
 from evals_orm._iter import batched
 from evals_orm.converters import dumps, loads, written_decoder
+from evals_orm.domain import unchecked_constructor
 from evals_orm.errors import EvalsError, EventConflictError, EventOrderError, InvalidEventError
 from evals_orm.events import CheckpointRecorded, EvalEvent, StoredEvalEvent, StudyCreated
 from evals_orm.models import EventRow
@@ -40,6 +41,8 @@ _CHUNK = 1000
 # The channel an append notifies (PostgreSQL), for followers that LISTEN.
 CHANNEL = "evals_orm_events"
 _decode_payload = written_decoder(EvalEvent)
+# The log holds only events that were valid when appended.
+_stored = unchecked_constructor(StoredEvalEvent)
 
 # How far ahead of this clock an appended event_id may be dated. An id from
 # the future blocks its study until the clock gets there (every later event
@@ -63,10 +66,11 @@ def unstorable(event: EvalEvent) -> str | None:
         for key, value in config.metadata.items():
             texts += [("config.metadata key", key), (f"config.metadata.{key}", value)]
     elif isinstance(event, CheckpointRecorded):
-        texts = [
-            (f"sessions_included[{index}]", session)
-            for index, session in enumerate(event.sessions_included)
-        ]
+        sessions = event.sessions_included
+        # One scan of all the strings; the paths are spelled out only to name a refusal.
+        if "\x00" not in "".join(sessions):
+            return None
+        texts = [(f"sessions_included[{index}]", session) for index, session in enumerate(sessions)]
     else:
         return None
     for path, text in texts:
@@ -281,7 +285,7 @@ class SqlEventLog:
         with _tx.read(self.bind) as connection:
             rows = connection.execute(statement).all()
         return [
-            (position, StoredEvalEvent(event_id, _decode_payload(payload)))
+            (position, _stored(event_id, _decode_payload(payload)))
             for position, event_id, payload in rows
         ]
 

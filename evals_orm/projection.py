@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from evals_orm import _bulk, _follow, _locks, _tx
 from evals_orm._follow import Lag, Stop
-from evals_orm._iter import batched
+from evals_orm._iter import batched, batched_without_gc
 from evals_orm._rows import (
     CHECKPOINT_COLUMNS,
     STUDY_STATE_COLUMNS,
@@ -525,7 +525,7 @@ class SqlEvalProjection:
         before its own stay committed and ``ProjectionError`` is raised.
         """
         applied = 0
-        for chunk in batched(events, self.batch_size):
+        for chunk in batched_without_gc(events, self.batch_size):
             with self._locked() as (connection, _):
                 applied += apply_batch(connection, chunk)
         return applied
@@ -563,7 +563,7 @@ class SqlEvalProjection:
         if isinstance(events, SqlEventLog):
             events = events.read()
         replay = _Replay.start(self.bind, on_progress)
-        for chunk in batched(events, self.batch_size):
+        for chunk in batched_without_gc(events, self.batch_size):
             with replay.step() as connection:
                 replay.apply(connection, chunk)
             replay.report()

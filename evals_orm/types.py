@@ -10,6 +10,7 @@ identical on all backends.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, Generic, TypeVar
 from uuid import UUID
@@ -48,6 +49,13 @@ def _is_mysql(dialect: Dialect) -> bool:
     return dialect.name in MYSQL_DIALECTS
 
 
+# Bind processing: each type picks the function for the dialect once, and
+# ``bind_processor`` hands it to SQLAlchemy as it is (no impl type here has
+# bind processing of its own to chain on any backend), so a bulk insert makes
+# one call per value instead of TypeDecorator's wrapper and dialect checks.
+Binder = Callable[[Any], Any]
+
+
 def format_utc_text(value: datetime) -> str:
     """Format an aware UTC datetime as fixed-width ``YYYY-MM-DDTHH:MM:SS.ffffffZ``."""
     # isoformat pads the year to four digits; [:26] cuts its "+00:00".
@@ -62,6 +70,18 @@ def parse_utc_text(text: str) -> datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc)
+
+
+def _utc_datetime(value: datetime | None) -> datetime | None:
+    return None if value is None else ensure_utc(value, "datetime parameter")
+
+
+def _naive_utc_datetime(value: datetime | None) -> datetime | None:
+    return None if value is None else ensure_utc(value, "datetime parameter").replace(tzinfo=None)
+
+
+def _utc_text(value: datetime | None) -> str | None:
+    return None if value is None else format_utc_text(ensure_utc(value, "datetime parameter"))
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -84,14 +104,14 @@ class UTCDateTime(TypeDecorator[datetime]):
         return dialect.type_descriptor(sa.Text())
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        value = ensure_utc(value, "datetime parameter")
+        return self.bind_processor(dialect)(value)
+
+    def bind_processor(self, dialect: Dialect) -> Binder:
         if _is_postgresql(dialect):
-            return value
+            return _utc_datetime
         if _is_mysql(dialect):
-            return value.replace(tzinfo=None)
-        return format_utc_text(value)
+            return _naive_utc_datetime
+        return _utc_text
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -122,15 +142,14 @@ class GUID(TypeDecorator[UUID]):
         return dialect.type_descriptor(sa.Text())
 
     def process_bind_param(self, value: UUID | None, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        if not isinstance(value, UUID):
-            value = UUID(str(value))
+        return self.bind_processor(dialect)(value)
+
+    def bind_processor(self, dialect: Dialect) -> Binder:
         if _is_postgresql(dialect):
-            return value
+            return _uuid
         if _is_mysql(dialect):
-            return value.bytes
-        return str(value)
+            return _uuid_bytes
+        return _uuid_text
 
     def process_result_value(self, value: Any, dialect: Dialect) -> UUID | None:
         if value is None or isinstance(value, UUID):
@@ -144,6 +163,22 @@ class GUID(TypeDecorator[UUID]):
             return _uuid_of_text
         # PostgreSQL's drivers and MySQL's BINARY(16) go the general way.
         return super().result_processor(dialect, coltype)
+
+
+def _as_uuid(value: UUID | str) -> UUID:
+    return value if isinstance(value, UUID) else UUID(str(value))
+
+
+def _uuid(value: UUID | str | None) -> UUID | None:
+    return None if value is None else _as_uuid(value)
+
+
+def _uuid_bytes(value: UUID | str | None) -> bytes | None:
+    return None if value is None else _as_uuid(value).bytes
+
+
+def _uuid_text(value: UUID | str | None) -> str | None:
+    return None if value is None else str(_as_uuid(value))
 
 
 def _uuid_of_text(value: str | None) -> UUID | None:
@@ -193,22 +228,32 @@ class _UnsignedInteger(TypeDecorator[int]):
         return dialect.type_descriptor(sa.Integer())
 
     def process_bind_param(self, value: int | None, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"expected an int, got {type(value).__name__}")
-        if not 0 <= value < 2**self.bits:
-            raise ValueError(f"{value} is outside 0..{2**self.bits - 1}")
-        if _is_postgresql(dialect) or _is_mysql(dialect):
+        return self.bind_processor(dialect)(value)
+
+    def bind_processor(self, dialect: Dialect) -> Binder:
+        end = 2**self.bits
+        native = _is_postgresql(dialect) or _is_mysql(dialect)
+        libsql = dialect.driver == "libsql"
+
+        def bind(value: int | None) -> Any:
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"expected an int, got {type(value).__name__}")
+            if not 0 <= value < end:
+                raise ValueError(f"{value} is outside 0..{end - 1}")
+            if native:
+                return value
+            if value >= 2**63:
+                # Two's complement, as the original service stores u64 in SQLite.
+                value -= 2**64
+            if libsql and value not in _I32:
+                # libsql sends integers beyond 32 bits as REAL (f64) and loses
+                # precision above 2**53; decimal text into an INTEGER column is exact.
+                return str(value)
             return value
-        if value >= 2**63:
-            # Two's complement, as the original service stores u64 in SQLite.
-            value -= 2**64
-        if value not in _I32 and dialect.driver == "libsql":
-            # libsql sends integers beyond 32 bits as REAL (f64) and loses
-            # precision above 2**53; decimal text into an INTEGER column is exact.
-            return str(value)
-        return value
+
+        return bind
 
     def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
         if value is None:

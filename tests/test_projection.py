@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import signal
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -743,6 +745,72 @@ def test_apply_many_consumes_its_iterable_lazily(migrated: sa.Engine) -> None:
         projection.apply_many(endless())
     assert [(0, 0), (3, 3), (6, 6), (9, 9)] == seen
     assert 9 == len(storage.list_studies())
+
+
+class Cycle:
+    """An object that will refer to itself: only the cyclic GC frees it."""
+
+    itself: Cycle | None = None
+
+
+@pytest.mark.parametrize("collector", ["on", "off"])
+def test_batches_pause_the_cyclic_gc_and_leave_it_as_found(
+    migrated: sa.Engine, collector: str
+) -> None:
+    """While a batch is drawn, applied and reported the cyclic GC is off; after
+    apply_many or rebuild, failed or not, it is as it was before."""
+    was_enabled = gc.isenabled()
+    if collector == "on":
+        gc.enable()
+    else:
+        gc.disable()
+    try:
+        projection = SqlEvalProjection(migrated, batch_size=3)
+        drawn: list[bool] = []
+        # A reference cycle made at each batch's first event, and whether
+        # the previous batch's was collected by then.
+        cycles: list[weakref.ref[Cycle]] = []
+        collected: list[bool] = []
+
+        def watched(events: Iterable[StoredEvalEvent]) -> Iterator[StoredEvalEvent]:
+            for index, stored in enumerate(events):
+                drawn.append(gc.isenabled())
+                if index % 3 == 0:
+                    if cycles:
+                        collected.append(cycles[-1]() is None)
+                    cycle = Cycle()
+                    cycle.itself = cycle
+                    cycles.append(weakref.ref(cycle))
+                    del cycle
+                yield stored
+
+        between: list[bool] = []
+
+        def progress(_: int) -> None:
+            between.append(gc.isenabled())
+
+        events = interleaved()
+        assert len(events) == projection.apply_many(watched(events))
+        assert gc.isenabled() is (collector == "on")
+        assert len(events) == projection.rebuild(watched(events), on_progress=progress)
+        assert gc.isenabled() is (collector == "on")
+        with pytest.raises(ProjectionError):
+            projection.rebuild(watched([*lifecycle(S2), at(9, created(S2))]))
+        assert gc.isenabled() is (collector == "on")
+        assert drawn
+        assert not any(drawn)
+        # Cycles do not pile up over a long stream: each batch's are freed after it.
+        assert collected
+        assert all(collected) if collector == "on" else not any(collected)
+        # on_progress runs after each batch is applied, still inside it.
+        assert len(between) == 5
+        assert not any(between)
+        assert reference(events) == snapshot(migrated)
+    finally:
+        if was_enabled:
+            gc.enable()
+        else:
+            gc.disable()
 
 
 # --- processes: crash safety and concurrent projectors ------------------------------------
