@@ -135,6 +135,10 @@ _KINDS = {
 def describe(value: object) -> str:
     """Name a value in an error message: its JSON kind, and the value if it is short."""
     kind = _KINDS.get(type(value), type(value).__name__)
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 2**63:
+        # The JSON reader gives an integer literal beyond 64 bits as a float:
+        # say "number" (JSON's kind) rather than calling ``10**30`` a float.
+        kind = "number"
     if value is None or isinstance(value, (dict, list, tuple)):
         return kind
     text = repr(value)

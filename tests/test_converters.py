@@ -680,6 +680,10 @@ BAD_INPUTS: list[tuple[str | bytes, str]] = [
         f"event.metrics.total_tokens: must be an integer in 0..{U64_MAX}, got integer -1",
     ),
     (checkpoint_line(total_tokens=2**64), "event.metrics.total_tokens: must be an integer"),
+    (
+        checkpoint_line(total_tokens=10**30),
+        f"event.metrics.total_tokens: must be an integer in 0..{U64_MAX}, got number 1e+30",
+    ),
     (checkpoint_line(total_tokens=3.0), "event.metrics.total_tokens: must be an integer"),
     (checkpoint_line(total_tokens=True), "got boolean True"),
     (checkpoint_line(total_tokens="3"), "event.metrics.total_tokens: must be an integer"),
