@@ -14,6 +14,10 @@ Each batch of events runs in one transaction that
 ``studies.last_event_id`` records the newest event applied to each study in
 the same row as the state it produced, so an event at or below it is a
 duplicate: redelivery changes nothing, and a crash leaves a prefix.
+
+A rebuild folds the same way into copies of the two tables (``_Replay``),
+a batch per transaction without the projection's lock, then replaces only
+the live rows that differ, in one short transaction holding it.
 """
 
 from __future__ import annotations
@@ -293,27 +297,15 @@ def _identical_checkpoint() -> sa.Exists:
     return sa.exists().where(*(copy.c[column.key] == live.c[column.key] for column in copy.c))
 
 
-def _differing_checkpoints(
-    connection: sa.Connection, after: UUID | None, limit: int
-) -> tuple[UUID | None, list[UUID]]:
-    """Compare up to ``limit`` copied checkpoints after ``after`` with the live ones.
+def _differing_checkpoints(connection: sa.Connection) -> list[UUID]:
+    """Return the ids of the copied checkpoints not identical live (a read, no lock).
 
-    Return the last id compared (``None``: none was left) and the ids of
-    those not identical live. Live checkpoints are never updated, and only
-    ``clear`` and ``rebuild`` delete them, both ending a rebuild under way:
-    a checkpoint found identical stays so until the replacement.
+    Live checkpoints are never updated, and only ``clear`` and ``rebuild``
+    delete them, both ending a rebuild under way: a checkpoint found
+    identical stays so until the replacement.
     """
-    copy = _COPY.checkpoints
-    page = sa.select(RebuildCheckpointRow.id).order_by(RebuildCheckpointRow.id).limit(limit)
-    if after is not None:
-        page = page.where(RebuildCheckpointRow.id > after)
-    ids = connection.execute(page).scalars().all()
-    if not ids:
-        return None, []
-    differing = sa.select(RebuildCheckpointRow.id).where(
-        copy.c.id.between(ids[0], ids[-1]), ~_identical_checkpoint()
-    )
-    return ids[-1], list(connection.execute(differing).scalars())
+    differing = sa.select(RebuildCheckpointRow.id).where(~_identical_checkpoint())
+    return list(connection.execute(differing).scalars())
 
 
 def _not_copied(connection: sa.Connection) -> list[UUID]:
@@ -460,22 +452,14 @@ class _Replay:
         return position, len(rows) == limit
 
     def compare(self) -> list[UUID]:
-        """Compare the copied checkpoints with the live ones, a page per read.
+        """Compare the copied checkpoints with the live ones (reads only: no lock).
 
         Keep the ids of those not identical live in ``differing`` (and from
         now on, those of every checkpoint replayed); return the ids of the
-        live checkpoints the copy does not hold. Reads only: no lock.
+        live checkpoints the copy does not hold.
         """
-        differing: set[UUID] = set()
-        after: UUID | None = None
-        while True:
-            with _tx.read(self.bind) as connection:
-                after, found = _differing_checkpoints(connection, after, _ID_CHUNK)
-            differing.update(found)
-            if after is None:
-                break
-        self.differing = differing
         with _tx.read(self.bind) as connection:
+            self.differing = set(_differing_checkpoints(connection))
             return _not_copied(connection)
 
     def finish(self) -> None:

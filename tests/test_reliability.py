@@ -551,13 +551,9 @@ LOAD_SECONDS = 8
 
 @pytest.mark.slow
 def test_writers_a_rebuild_loop_and_a_reader_lose_nothing(
-    backend: str, database: Database, migrated: sa.Engine, request: pytest.FixtureRequest
+    database: Database, migrated: sa.Engine
 ) -> None:
     """Three writers, a rebuild loop and a reader: every append lands, none waits for long."""
-    if backend == "libsql-remote":
-        # Seen once: the reader's statement failed with SQLITE_INTERRUPT from sqld
-        # while the rebuild loop ran (issue 18, item 5 is not done).
-        request.applymarker(pytest.mark.xfail(reason="sqld interrupted a reader once"))
     SqlEventLog(migrated).append(long_stream(3000))
     environment = {**os.environ, **database.env()}
     roles = ["writer", "writer", "writer", "rebuild", "reader"]
@@ -584,12 +580,12 @@ def test_writers_a_rebuild_loop_and_a_reader_lose_nothing(
     live = _snapshot(migrated)
     projection.rebuild(log)
     assert live == _snapshot(migrated)
-    # A rebuild still replays the log holding the projection lock, so an
-    # append waits for the rebuild under way and the writers queued before it
-    # (README "Reliability"); it must never wait for rebuilds one after another.
-    # On a loaded machine the queue can hold a second rebuild as well.
+    # An append waits at most for a rebuild's step (a batch, or the final
+    # replacement) and the writers queued before it, never for a whole
+    # rebuild (README "Rebuilds and writers"; measured by
+    # benchmarks/rebuild_wait.py). A loose bound, for a loaded machine.
     longest_rebuild = float(lines[3][3])
-    assert worst < 3 * longest_rebuild + 3, f"an append waited {worst:.2f} s"
+    assert worst < longest_rebuild + 3, f"an append waited {worst:.2f} s"
 
 
 def _snapshot(engine: sa.Engine) -> tuple[list[Any], int]:
