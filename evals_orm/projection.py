@@ -285,10 +285,18 @@ def _check_stored_checkpoints(
             )
 
 
-def _empty_copy(connection: sa.Connection) -> None:
-    """Delete the rows of the rebuild tables (their lock held)."""
-    connection.execute(sa.delete(_COPY.checkpoints))
-    connection.execute(sa.delete(_COPY.studies))
+def _delete_copy_page(connection: sa.Connection) -> bool:
+    """Delete up to ``_ID_CHUNK`` rows of the rebuild tables (their lock held).
+
+    Return whether any was left. A page at a time, so that emptying a
+    million rows never holds SQLite's one write lock for seconds.
+    """
+    for key in (RebuildCheckpointRow.id, RebuildStudyRow.id):
+        ids = connection.execute(sa.select(key).order_by(key).limit(_ID_CHUNK)).scalars().all()
+        if ids:
+            connection.execute(sa.delete(key.class_).where(key.between(ids[0], ids[-1])))
+            return True
+    return False
 
 
 def _identical_checkpoint() -> sa.Exists:
@@ -406,8 +414,9 @@ class _Replay:
         with _tx.transaction(bind) as connection:
             generation = _locks.lock(connection, REBUILD) + 1
             _locks.set_position(connection, REBUILD, generation)
-            _empty_copy(connection)
-        return cls(bind, generation, on_progress)
+        replay = cls(bind, generation, on_progress)
+        replay.empty()  # what a rebuild that did not finish left there
+        return replay
 
     @contextmanager
     def step(self) -> Iterator[sa.Connection]:
@@ -462,11 +471,14 @@ class _Replay:
             self.differing = set(_differing_checkpoints(connection))
             return _not_copied(connection)
 
-    def finish(self) -> None:
-        """Empty the rebuild tables, unless a later rebuild has taken them over."""
-        with _tx.transaction(self.bind) as connection:
-            if _locks.lock(connection, REBUILD) == self.generation:
-                _empty_copy(connection)
+    def empty(self) -> None:
+        """Empty the rebuild tables, a page per step, unless a later rebuild takes them over."""
+        more = True
+        while more:
+            with _tx.transaction(self.bind) as connection:
+                if _locks.lock(connection, REBUILD) != self.generation:
+                    return
+                more = _delete_copy_page(connection)
 
 
 class SqlEvalProjection:
@@ -571,7 +583,7 @@ class SqlEvalProjection:
             _replace_live(connection, replay.differing or (), not_copied)
             _locks.set_position(connection, PROJECTION, position)
         replay.report()
-        replay.finish()
+        replay.empty()
         return replay.applied
 
     def clear(self) -> None:
