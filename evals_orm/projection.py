@@ -336,12 +336,6 @@ def _replace_live(
     """
     live, copy = _LIVE, _COPY
     pending = list(differing)
-    for chunk in batched(pending, _ID_CHUNK):
-        connection.execute(
-            sa.delete(live.checkpoints).where(
-                _bulk.one_of(connection, live.checkpoints.c.id, chunk), ~_identical_checkpoint()
-            )
-        )
     copied = sa.exists().where(copy.checkpoints.c.id == live.checkpoints.c.id)
     for chunk in batched(pending, _ID_CHUNK):
         connection.execute(

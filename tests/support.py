@@ -20,8 +20,28 @@ from evals_orm.domain import (
 )
 from evals_orm.models import CheckpointRow, StudyRow
 
-__all__ = ["T0", "UTC", "checkpoint_row", "metrics", "raw_rows", "seed", "study_row"]
+__all__ = [
+    "HEAD",
+    "OUR_TABLES",
+    "T0",
+    "UTC",
+    "checkpoint_row",
+    "metrics",
+    "raw_rows",
+    "seed",
+    "study_row",
+]
 
+# The package's newest migration and the tables its migrations create.
+HEAD = "evals_orm_0002"
+OUR_TABLES = {
+    "studies",
+    "checkpoints",
+    "eval_events",
+    "eval_tracking",
+    "eval_rebuild_studies",
+    "eval_rebuild_checkpoints",
+}
 UTC = timezone.utc
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 

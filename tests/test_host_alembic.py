@@ -24,18 +24,9 @@ from conftest import Database
 
 from evals_orm import create_engine, migrations
 
-from support import raw_rows
+from support import HEAD, OUR_TABLES, raw_rows
 
 BIN = Path(sys.executable).parent
-HEAD = "evals_orm_0002"
-OUR_TABLES = {
-    "studies",
-    "checkpoints",
-    "eval_events",
-    "eval_tracking",
-    "eval_rebuild_studies",
-    "eval_rebuild_checkpoints",
-}
 
 HOST_ENV = '''
 """The host's env.py, calling evals_orm's migrations where ``-x evals=`` says."""

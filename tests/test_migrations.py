@@ -34,19 +34,10 @@ from evals_orm import (
 from evals_orm._demo import sample_events
 from evals_orm.domain import uuid7
 
-from support import T0, checkpoint_row, raw_rows, seed, study_row
+from support import HEAD, OUR_TABLES, T0, checkpoint_row, raw_rows, seed, study_row
 
 REPO = Path(__file__).resolve().parent.parent
 ALEMBIC = Path(sys.executable).parent / "alembic"
-HEAD = "evals_orm_0002"
-OUR_TABLES = {
-    "studies",
-    "checkpoints",
-    "eval_events",
-    "eval_tracking",
-    "eval_rebuild_studies",
-    "eval_rebuild_checkpoints",
-}
 SEED_DDL = """
 CREATE TABLE studies (id TEXT PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL,
   period_type TEXT NOT NULL, period_value INTEGER, config TEXT NOT NULL,
