@@ -321,7 +321,8 @@ class LogReader(Iterator[StoredEvalEvent]):
     """The iterator ``SqlEventLog.read`` returns; it knows the log position it has reached.
 
     A projection rebuilt from a reader that started at the beginning of the
-    log records that position, so its next ``catch_up`` starts there.
+    log records that position, so its next ``catch_up`` starts there; one
+    with no ``limit`` (``None``) also takes in what was logged meanwhile.
     """
 
     def __init__(self, log: SqlEventLog, position: int, limit: int | None) -> None:
