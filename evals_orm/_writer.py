@@ -36,13 +36,21 @@ from sqlalchemy.util.concurrency import in_greenlet
 from evals_orm._backend import backend_of
 from evals_orm.errors import DatabaseError
 
-__all__ = ["WriterSlot", "before_lock", "install", "locked", "owner", "slot_of"]
+__all__ = ["WriterSlot", "before_lock", "install", "locked", "owner", "pause", "slot_of"]
 
 # As long as the busy timeout the engines set: a writer that waits longer
 # would have failed inside the database too.
 WAIT_S = 30.0
 
 _READS = ("SELECT", "PRAGMA", "EXPLAIN", "SAVEPOINT", "RELEASE", "ROLLBACK")
+
+
+def pause(seconds: float) -> None:
+    """Sleep ``seconds``; in an event loop's greenlet (async services), without blocking it."""
+    if in_greenlet():
+        await_(asyncio.sleep(seconds))
+    else:
+        time.sleep(seconds)
 
 
 def owner() -> object:

@@ -22,6 +22,7 @@ the live rows that differ, in one short transaction holding it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -32,7 +33,7 @@ import attrs
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from evals_orm import _bulk, _follow, _locks, _tx
+from evals_orm import _bulk, _follow, _locks, _tx, _writer
 from evals_orm._follow import Lag, Stop
 from evals_orm._iter import batched, batched_without_gc
 from evals_orm._rows import (
@@ -389,6 +390,10 @@ def _clear_rows(connection: sa.Connection) -> None:
     _locks.set_position(connection, PROJECTION, 0)
 
 
+class _Superseded(EvalsError):
+    """A later rebuild (or a ``clear``) has taken the rebuild tables over."""
+
+
 @attrs.define
 class _Replay:
     """One rebuild's replay into the rebuild tables, which it owns while its generation lasts."""
@@ -414,15 +419,24 @@ class _Replay:
 
     @contextmanager
     def step(self) -> Iterator[sa.Connection]:
-        """Yield a Connection in a transaction of its own that owns the rebuild tables."""
+        """Yield a Connection in a transaction of its own that owns the rebuild tables.
+
+        After it, the database is left to other writers for as long as the
+        step took, up to the backend's ``step_gap`` (see ``Backend``): a
+        writer that waited a short while looks again soon.
+        """
+        began = time.monotonic()
         with _tx.transaction(self.bind) as connection:
             self.check(connection)
             yield connection
+        gap = min(_tx.backend(self.bind).step_gap, time.monotonic() - began)
+        if gap > 0:
+            _writer.pause(gap)
 
     def check(self, connection: sa.Connection) -> None:
         """Take the rebuild tables' lock; raise if a later rebuild has taken them over."""
         if _locks.lock(connection, REBUILD) != self.generation:
-            raise EvalsError(
+            raise _Superseded(
                 "another rebuild of the projection started meanwhile and replaces this one"
             )
 
@@ -469,10 +483,11 @@ class _Replay:
         """Empty the rebuild tables, a page per step, unless a later rebuild takes them over."""
         more = True
         while more:
-            with _tx.transaction(self.bind) as connection:
-                if _locks.lock(connection, REBUILD) != self.generation:
-                    return
-                more = _delete_copy_page(connection)
+            try:
+                with self.step() as connection:
+                    more = _delete_copy_page(connection)
+            except _Superseded:
+                return
 
 
 class SqlEvalProjection:
