@@ -406,6 +406,9 @@ class _Replay:
     reported: int = 0
     # After ``compare``: the copied checkpoints still to compare with the live ones.
     differing: set[UUID] | None = None
+    # When the last step ended, and how long the database is left free after it.
+    ended: float = 0.0
+    gap: float = 0.0
 
     @classmethod
     def start(cls, bind: _tx.Bind, on_progress: Callable[[int], None] | None) -> _Replay:
@@ -421,17 +424,23 @@ class _Replay:
     def step(self) -> Iterator[sa.Connection]:
         """Yield a Connection in a transaction of its own that owns the rebuild tables.
 
-        After it, the database is left to other writers for as long as the
-        step took, up to the backend's ``step_gap`` (see ``Backend``): a
-        writer that waited a short while looks again soon.
+        Between two steps the database is left to other writers for as long
+        as the first one took, up to the backend's ``step_gap`` (see
+        ``Backend``); time spent meanwhile reading and decoding counts.
         """
+        self.leave_gap()
         began = time.monotonic()
         with _tx.transaction(self.bind) as connection:
             self.check(connection)
             yield connection
-        gap = min(_tx.backend(self.bind).step_gap, time.monotonic() - began)
-        if gap > 0:
-            _writer.pause(gap)
+        self.ended = time.monotonic()
+        self.gap = min(_tx.backend(self.bind).step_gap, self.ended - began)
+
+    def leave_gap(self) -> None:
+        """Wait until the database has been free of this rebuild for ``gap`` seconds."""
+        remaining = self.gap - (time.monotonic() - self.ended)
+        if remaining > 0:
+            _writer.pause(remaining)
 
     def check(self, connection: sa.Connection) -> None:
         """Take the rebuild tables' lock; raise if a later rebuild has taken them over."""
@@ -584,6 +593,7 @@ class SqlEvalProjection:
                 position, more = replay.catch_up(connection, log, position, self.batch_size)
             replay.report()
         not_copied = replay.compare()
+        replay.leave_gap()
         with self._locked() as (connection, _):
             replay.check(connection)
             more = log is not None
