@@ -73,12 +73,12 @@ class Backend:
     # sqld 0.24 with 9 processes writing) instead of queueing it as a busy
     # timeout would: the lock statement that opens a transaction retries.
     busy_first_write: bool = False
-    # At most how long a series of write transactions (a rebuild's steps)
-    # leaves the database free after each one (as long as the step took).
-    # Writers of other processes wait in SQLite's busy handler, which looks
-    # again only every 100 ms after a while: a rebuild starting its next step
-    # at once could take the lock first every time (measured: appends waited
-    # 1.3-1.9 s, several steps, during a 1M rebuild).
+    # How long a series of write transactions (a rebuild's steps) leaves the
+    # database free once it has held it for a while. Writers of other
+    # processes wait in SQLite's busy handler, which then looks again only
+    # every 100 ms: a rebuild starting each step at once could take the lock
+    # first every time (measured: appends waited 1.3-1.9 s, several steps,
+    # during a 1M rebuild).
     step_gap: float = 0.0
 
 

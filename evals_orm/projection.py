@@ -72,6 +72,10 @@ PROJECTION = "projection"
 REBUILD = "rebuild"
 # Ids per statement where a list of ids is bound (SQLite's parameter limit).
 _ID_CHUNK = 10_000
+# A writer of another process waiting in SQLite's busy handler looks again
+# at least every 50 ms during its first 228 ms, then every 100 ms: after
+# holding the database this long, a rebuild leaves it free for a while.
+_LONG_RUN_S = 0.25
 
 
 @runtime_checkable
@@ -406,9 +410,10 @@ class _Replay:
     reported: int = 0
     # After ``compare``: the copied checkpoints still to compare with the live ones.
     differing: set[UUID] | None = None
-    # When the last step ended, and how long the database is left free after it.
+    # When the last step ended, and how long the steps have held the
+    # database since it was last free for the backend's ``step_gap``.
     ended: float = 0.0
-    gap: float = 0.0
+    run: float = 0.0
 
     @classmethod
     def start(cls, bind: _tx.Bind, on_progress: Callable[[int], None] | None) -> _Replay:
@@ -424,9 +429,10 @@ class _Replay:
     def step(self) -> Iterator[sa.Connection]:
         """Yield a Connection in a transaction of its own that owns the rebuild tables.
 
-        Between two steps the database is left to other writers for as long
-        as the first one took, up to the backend's ``step_gap`` (see
-        ``Backend``); time spent meanwhile reading and decoding counts.
+        Once the steps have held the database for ``_LONG_RUN_S`` with no
+        free moment as long as the backend's ``step_gap`` between them
+        (reading and decoding count), the next one first leaves the
+        database free that long (see ``Backend``).
         """
         self.leave_gap()
         began = time.monotonic()
@@ -434,13 +440,17 @@ class _Replay:
             self.check(connection)
             yield connection
         self.ended = time.monotonic()
-        self.gap = min(_tx.backend(self.bind).step_gap, self.ended - began)
+        self.run += self.ended - began
 
     def leave_gap(self) -> None:
-        """Wait until the database has been free of this rebuild for ``gap`` seconds."""
-        remaining = self.gap - (time.monotonic() - self.ended)
-        if remaining > 0:
-            _writer.pause(remaining)
+        """Leave the database free for ``step_gap`` if the steps have held it long."""
+        gap = _tx.backend(self.bind).step_gap
+        free = time.monotonic() - self.ended
+        if free >= gap:
+            self.run = 0.0
+        elif self.run >= _LONG_RUN_S:
+            _writer.pause(gap - free)
+            self.run = 0.0
 
     def check(self, connection: sa.Connection) -> None:
         """Take the rebuild tables' lock; raise if a later rebuild has taken them over."""
