@@ -308,6 +308,27 @@ def timed(run: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def best_runs(
+    server: Server, repeat: int, runs: dict[str, Callable[[Target, sa.Engine], float]]
+) -> tuple[dict[str, float], dict[str, tuple[int, int, str]]]:
+    """Run each of ``runs`` ``repeat`` times, each in a fresh database.
+
+    Return each one's fastest time and the digest of the tables it left.
+    """
+    best: dict[str, float] = {}
+    digests: dict[str, tuple[int, int, str]] = {}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            with server.fresh() as target:
+                engine = target.migrated_engine()
+                try:
+                    best[name] = min(best.get(name, float("inf")), run(target, engine))
+                    digests[name] = table_digest(engine)
+                finally:
+                    engine.dispose()
+    return best, digests
+
+
 def bench_apply(server: Server, shape: Shape, *, repeat: int, profile: bool) -> list[object]:
     """Time ours, raw and naive on the same events; return the table row.
 
@@ -328,17 +349,7 @@ def bench_apply(server: Server, shape: Shape, *, repeat: int, profile: bool) -> 
     def naive(target: Target, engine: sa.Engine) -> float:
         return timed(lambda: naive_orm(engine, stream))
 
-    best: dict[str, float] = {}
-    digests: dict[str, tuple[int, int, str]] = {}
-    for _ in range(repeat):
-        for name, run in (("raw", raw), ("ours", ours), ("naive", naive)):
-            with server.fresh() as target:
-                engine = target.migrated_engine()
-                try:
-                    best[name] = min(best.get(name, float("inf")), run(target, engine))
-                    digests[name] = table_digest(engine)
-                finally:
-                    engine.dispose()
+    best, digests = best_runs(server, repeat, {"raw": raw, "ours": ours, "naive": naive})
     if profile:
         with server.fresh() as target:
             engine = target.migrated_engine()
@@ -403,17 +414,7 @@ def bench_async_apply(server: Server, shape: Shape, *, repeat: int) -> list[obje
 
         return asyncio.run(run())
 
-    best: dict[str, float] = {}
-    digests: dict[str, tuple[int, int, str]] = {}
-    for _ in range(repeat):
-        for name, run in (("sync", sync), ("async", asynchronous)):
-            with server.fresh() as target:
-                engine = target.migrated_engine()
-                try:
-                    best[name] = min(best.get(name, float("inf")), run(target, engine))
-                    digests[name] = table_digest(engine)
-                finally:
-                    engine.dispose()
+    best, digests = best_runs(server, repeat, {"sync": sync, "async": asynchronous})
     count = len(stream)
     ratio = best["sync"] / best["async"]
     note(f"{server.backend}: sync {best['sync']:.2f} s, async {best['async']:.2f} s")
