@@ -294,13 +294,18 @@ def _delete_copy_page(connection: sa.Connection) -> bool:
     """Delete up to ``_ID_CHUNK`` rows of the rebuild tables (their lock held).
 
     Return whether any was left. A page at a time, so that emptying a
-    million rows never holds SQLite's one write lock for seconds.
+    million rows never holds SQLite's one write lock for seconds; the last
+    page of a table is a ``DELETE`` of the whole table, which SQLite runs
+    without visiting the rows one by one (its truncate optimisation).
     """
     for key in (RebuildCheckpointRow.id, RebuildStudyRow.id):
-        ids = connection.execute(sa.select(key).order_by(key).limit(_ID_CHUNK)).scalars().all()
-        if ids:
-            connection.execute(sa.delete(key.class_).where(key.between(ids[0], ids[-1])))
+        next_page = connection.execute(
+            sa.select(key).order_by(key).offset(_ID_CHUNK).limit(1)
+        ).scalar()
+        if next_page is not None:
+            connection.execute(sa.delete(key.class_).where(key < next_page))
             return True
+        connection.execute(sa.delete(key.class_))
     return False
 
 
@@ -317,7 +322,20 @@ def _differing_checkpoints(connection: sa.Connection) -> list[UUID]:
     delete them, both ending a rebuild under way: a checkpoint found
     identical stays so until the replacement.
     """
-    differing = sa.select(RebuildCheckpointRow.id).where(~_identical_checkpoint())
+    live, copy = _LIVE.checkpoints, _COPY.checkpoints
+    # Joined on the key alone, the other columns compared on the joined
+    # rows: as NOT EXISTS, PostgreSQL hashes every column, jsonb included
+    # (measured: this takes half the time there). They are all NOT NULL.
+    differing = (
+        sa.select(copy.c.id)
+        .select_from(copy.outerjoin(live, live.c.id == copy.c.id))
+        .where(
+            sa.or_(
+                live.c.id.is_(None),
+                *(column != live.c[column.key] for column in copy.c if column is not copy.c.id),
+            )
+        )
+    )
     return list(connection.execute(differing).scalars())
 
 
@@ -421,8 +439,11 @@ class _Replay:
         with _tx.transaction(bind) as connection:
             generation = _locks.lock(connection, REBUILD) + 1
             _locks.set_position(connection, REBUILD, generation)
+            # What a rebuild that did not finish left there.
+            more = _delete_copy_page(connection)
         replay = cls(bind, generation, on_progress)
-        replay.empty()  # what a rebuild that did not finish left there
+        if more:
+            replay.empty()
         return replay
 
     @contextmanager
@@ -475,17 +496,28 @@ class _Replay:
             self.on_progress(self.replayed)
 
     def catch_up(
-        self, connection: sa.Connection, log: SqlEventLog, position: int, limit: int
+        self,
+        log: SqlEventLog,
+        position: int,
+        limit: int,
+        connection: sa.Connection | None = None,
     ) -> tuple[int, bool]:
         """Apply up to ``limit`` events logged after ``position``.
 
-        Return the position reached and whether more may follow.
+        On ``connection`` (whose transaction holds the lock), or else in a
+        step of their own if there are any. Return the position reached and
+        whether more may follow.
         """
         rows = log.fetch(position, limit)
-        if rows:
-            self.apply(connection, [stored for _, stored in rows])
-            position = rows[-1][0]
-        return position, len(rows) == limit
+        if not rows:
+            return position, False
+        events = [stored for _, stored in rows]
+        if connection is None:
+            with self.step() as step:
+                self.apply(step, events)
+        else:
+            self.apply(connection, events)
+        return rows[-1][0], len(rows) == limit
 
     def compare(self) -> list[UUID]:
         """Compare the copied checkpoints with the live ones (reads only: no lock).
@@ -599,8 +631,7 @@ class SqlEvalProjection:
         more = log is not None
         while log is not None and more:
             # What was logged meanwhile, still without the projection's lock.
-            with replay.step() as connection:
-                position, more = replay.catch_up(connection, log, position, self.batch_size)
+            position, more = replay.catch_up(log, position, self.batch_size)
             replay.report()
         not_copied = replay.compare()
         replay.leave_gap()
@@ -608,7 +639,7 @@ class SqlEvalProjection:
             replay.check(connection)
             more = log is not None
             while log is not None and more:
-                position, more = replay.catch_up(connection, log, position, self.batch_size)
+                position, more = replay.catch_up(log, position, self.batch_size, connection)
             _replace_live(connection, replay.differing or (), not_copied)
             _locks.set_position(connection, PROJECTION, position)
         replay.report()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import os
 import signal
 import subprocess
@@ -48,7 +49,10 @@ from evals_orm import (
     StudyStopped,
     uuid7_at,
 )
+from evals_orm import projection as projection_module
 from evals_orm.domain import StudyId
+
+from support import raw_rows
 
 WORKER = Path(__file__).with_name("projection_worker.py")
 Snapshot = tuple[list[Study], list[Checkpoint]]
@@ -725,6 +729,58 @@ def test_failed_rebuild_keeps_the_old_projection(
     with pytest.raises(ProjectionError):
         projection.rebuild([*lifecycle(S2), at(9, created(S2))])
     assert before == snapshot(migrated)
+
+
+def test_the_rebuild_tables_are_emptied_a_page_per_transaction(
+    migrated: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What an unfinished rebuild left, and what a rebuild copied, goes a page at a time.
+
+    The last page of each table is a DELETE of the whole table; every page
+    before it, a transaction of its own.
+    """
+    monkeypatch.setattr(projection_module, "_ID_CHUNK", 2)
+    projection = SqlEvalProjection(migrated, batch_size=1)
+    events = [*lifecycle(S1), *(at(10 + n, checkpoint(n)) for n in range(5))]
+
+    def failing() -> Iterator[StoredEvalEvent]:
+        yield from events
+        raise RuntimeError("the source broke")
+
+    with pytest.raises(RuntimeError, match="source broke"):
+        projection.rebuild(failing())
+    assert [(1,), (7,)] == copied(migrated)  # the lifecycle's two checkpoints and five
+    steps: list[str] = []
+
+    def record(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        text = " ".join(statement.split()).lower()
+        if text.startswith("delete from eval_rebuild_checkpoints"):
+            steps.append("paged" if " where " in text else "whole")
+
+    def commit(_conn: object) -> None:
+        steps.append("commit")
+
+    sa.event.listen(migrated, "before_cursor_execute", record)
+    sa.event.listen(migrated, "commit", commit)
+    try:
+        assert len(events) == projection.rebuild(events)
+    finally:
+        sa.event.remove(migrated, "before_cursor_execute", record)
+        sa.event.remove(migrated, "commit", commit)
+    assert reference(events) == snapshot(migrated)
+    assert [(0,), (0,)] == copied(migrated)
+    # Before the replay (7 left) and after it (7 copied): three pages of 2, then the rest.
+    pages = ["paged", "paged", "paged", "whole"]
+    assert pages * 2 == [step for step in steps if step != "commit"]
+    assert all(later == "commit" for step, later in itertools.pairwise(steps) if step == "paged")
+
+
+def copied(engine: sa.Engine) -> list[tuple[int]]:
+    """Return how many rows the rebuild tables hold: studies, then checkpoints."""
+    return [
+        *raw_rows(engine, "SELECT count(*) FROM eval_rebuild_studies"),
+        *raw_rows(engine, "SELECT count(*) FROM eval_rebuild_checkpoints"),
+    ]
 
 
 def test_apply_many_consumes_its_iterable_lazily(migrated: sa.Engine) -> None:
