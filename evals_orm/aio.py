@@ -268,11 +268,14 @@ class AsyncSqlEvalProjection(_AsyncService[SqlEvalProjection]):
         *,
         on_progress: Callable[[int], None] | None = None,
     ) -> int:
-        """Replace the projection by replaying ``events`` in one transaction; return how many.
+        """Replace the projection by replaying ``events``; return how many were applied.
 
-        As ``SqlEvalProjection.rebuild``: readers see the old projection until
-        the new one is committed; given the log or a fresh ``log.read()``,
-        the position replayed to is recorded for the next ``catch_up``.
+        As ``SqlEvalProjection.rebuild``: the events are replayed into the
+        rebuild tables a batch per transaction, then one short transaction
+        writes the rows that differ, so readers see the old projection until
+        then and the new one whole after; given the log or a fresh
+        ``log.read()``, the position replayed to is recorded for the next
+        ``catch_up``.
         """
         if isinstance(events, AsyncSqlEventLog):
             return await greenlet_spawn(self.sync.rebuild, events.sync, on_progress=on_progress)
