@@ -72,6 +72,10 @@ PROJECTION = "projection"
 REBUILD = "rebuild"
 # Ids per statement where a list of ids is bound (SQLite's parameter limit).
 _ID_CHUNK = 10_000
+# How many checkpoint ids a rebuild keeps in memory to narrow its final
+# transaction to the rows that changed (about 15 MB); past that, so many
+# rows change that the final transaction compares them all instead.
+_MAX_IDS = 100_000
 # A writer of another process waiting in SQLite's busy handler looks again
 # at least every 50 ms during its first 228 ms, then every 100 ms: after
 # holding the database this long, a rebuild leaves it free for a while.
@@ -315,12 +319,13 @@ def _identical_checkpoint() -> sa.Exists:
     return sa.exists().where(*(copy.c[column.key] == live.c[column.key] for column in copy.c))
 
 
-def _differing_checkpoints(connection: sa.Connection) -> list[UUID]:
+def _differing_checkpoints(connection: sa.Connection) -> list[UUID] | None:
     """Return the ids of the copied checkpoints not identical live (a read, no lock).
 
-    Live checkpoints are never updated, and only ``clear`` and ``rebuild``
-    delete them, both ending a rebuild under way: a checkpoint found
-    identical stays so until the replacement.
+    ``None`` if there are more than ``_MAX_IDS``. Live checkpoints are never
+    updated, and only ``clear`` and ``rebuild`` delete them, both ending a
+    rebuild under way: a checkpoint found identical stays so until the
+    replacement.
     """
     live, copy = _LIVE.checkpoints, _COPY.checkpoints
     # Joined on the key alone, the other columns compared on the joined
@@ -336,42 +341,69 @@ def _differing_checkpoints(connection: sa.Connection) -> list[UUID]:
             )
         )
     )
-    return list(connection.execute(differing).scalars())
+    return _at_most(connection, differing)
 
 
-def _not_copied(connection: sa.Connection) -> list[UUID]:
-    """Return the ids of live checkpoints the copy does not hold (a read, no lock)."""
+def _not_copied(connection: sa.Connection) -> list[UUID] | None:
+    """Return the ids of live checkpoints the copy does not hold (a read, no lock).
+
+    ``None`` if there are more than ``_MAX_IDS``.
+    """
     live, copy = _LIVE.checkpoints, _COPY.checkpoints
     copied = sa.exists().where(copy.c.id == live.c.id)
-    return list(connection.execute(sa.select(live.c.id).where(~copied)).scalars())
+    return _at_most(connection, sa.select(live.c.id).where(~copied))
+
+
+def _at_most(connection: sa.Connection, ids: sa.Select[UUID]) -> list[UUID] | None:
+    found = list(connection.execute(ids.limit(_MAX_IDS + 1)).scalars())
+    return found if len(found) <= _MAX_IDS else None
+
+
+def _among(
+    connection: sa.Connection, column: sa.Column[UUID], ids: Collection[UUID] | None
+) -> Iterator[sa.ColumnElement[bool]]:
+    """Yield a condition on ``column`` per ``_ID_CHUNK`` of ``ids``.
+
+    ``None`` for all the ids of ``column``'s table: then a condition per
+    range of ``_ID_CHUNK`` of them, in key order. Never all at once:
+    SQLite copies the rows an ``INSERT ... SELECT`` reading its own target
+    selects before it inserts them (embedded libSQL, into memory).
+    """
+    if ids is not None:
+        for chunk in batched(ids, _ID_CHUNK):
+            yield _bulk.one_of(connection, column, chunk)
+        return
+    low: sa.ColumnElement[bool] = sa.true()
+    while True:
+        page = sa.select(column).where(low).order_by(column).offset(_ID_CHUNK).limit(1)
+        high = connection.execute(page).scalar()
+        if high is None:
+            yield low
+            return
+        yield sa.and_(low, column < high)
+        low = column >= high
 
 
 def _replace_live(
-    connection: sa.Connection, differing: Collection[UUID], not_copied: list[UUID]
+    connection: sa.Connection,
+    differing: Collection[UUID] | None,
+    not_copied: Collection[UUID] | None,
 ) -> None:
     """Make the live projection what the rebuild tables hold (both locks held).
 
     Only rows that differ are written: a live row the copy holds as it is
     stays untouched, so rows of other tables keep their foreign keys to it.
     Of the checkpoints, only those found ``differing`` from (or missing in)
-    the live table and the live ones ``not_copied`` are looked at: the work
-    here grows with what changed, not with the size of the projection.
+    the live table and the live ones ``not_copied`` are looked at, so the
+    work here grows with what changed, not with the size of the projection;
+    ``None`` stands for too many to list: then all of them are compared.
     """
     live, copy = _LIVE, _COPY
-    pending = list(differing)
     copied = sa.exists().where(copy.checkpoints.c.id == live.checkpoints.c.id)
-    for chunk in batched(pending, _ID_CHUNK):
-        connection.execute(
-            sa.delete(live.checkpoints).where(
-                _bulk.one_of(connection, live.checkpoints.c.id, chunk), ~_identical_checkpoint()
-            )
-        )
-    for chunk in batched(not_copied, _ID_CHUNK):
-        connection.execute(
-            sa.delete(live.checkpoints).where(
-                _bulk.one_of(connection, live.checkpoints.c.id, chunk), ~copied
-            )
-        )
+    for among in _among(connection, live.checkpoints.c.id, differing):
+        connection.execute(sa.delete(live.checkpoints).where(among, ~_identical_checkpoint()))
+    for among in _among(connection, live.checkpoints.c.id, not_copied):
+        connection.execute(sa.delete(live.checkpoints).where(among, ~copied))
     unchanged = sa.exists().where(
         *(column.is_not_distinct_from(live.studies.c[column.key]) for column in copy.state_columns)
     )
@@ -392,10 +424,8 @@ def _replace_live(
         ) from None
     stored = sa.exists().where(live.checkpoints.c.id == copy.checkpoints.c.id)
     names = [column.key for column in copy.checkpoint_columns]
-    for chunk in batched(pending, _ID_CHUNK):
-        missing = sa.select(*copy.checkpoint_columns).where(
-            _bulk.one_of(connection, copy.checkpoints.c.id, chunk), ~stored
-        )
+    for among in _among(connection, copy.checkpoints.c.id, differing):
+        missing = sa.select(*copy.checkpoint_columns).where(among, ~stored)
         connection.execute(sa.insert(live.checkpoints).from_select(names, missing))
 
 
@@ -426,7 +456,9 @@ class _Replay:
     applied: int = 0
     replayed: int = 0
     reported: int = 0
-    # After ``compare``: the copied checkpoints still to compare with the live ones.
+    # After ``compare``: the ids of the copied checkpoints to compare with
+    # the live ones again under the lock (those found different, and every
+    # one replayed since), or None for all of them (too many to list).
     differing: set[UUID] | None = None
     # When the last step ended, and how long the steps have held the
     # database since it was last free for the backend's ``step_gap``.
@@ -488,6 +520,8 @@ class _Replay:
             self.differing.update(
                 stored.event.id for stored in events if isinstance(stored.event, CheckpointRecorded)
             )
+            if len(self.differing) > _MAX_IDS:
+                self.differing = None
 
     def report(self) -> None:
         """Tell ``on_progress`` how many events are replayed, if more than last time."""
@@ -519,16 +553,19 @@ class _Replay:
             self.apply(connection, events)
         return rows[-1][0], len(rows) == limit
 
-    def compare(self) -> list[UUID]:
+    def compare(self) -> list[UUID] | None:
         """Compare the copied checkpoints with the live ones (reads only: no lock).
 
         Keep the ids of those not identical live in ``differing`` (and from
         now on, those of every checkpoint replayed); return the ids of the
-        live checkpoints the copy does not hold.
+        live checkpoints the copy does not hold. Either is ``None`` past
+        ``_MAX_IDS`` ids: the final transaction then compares all rows.
         """
         with _tx.read(self.bind) as connection:
-            self.differing = set(_differing_checkpoints(connection))
-            return _not_copied(connection)
+            differing = _differing_checkpoints(connection)
+            not_copied = _not_copied(connection)
+        self.differing = None if differing is None else set(differing)
+        return not_copied
 
     def empty(self) -> None:
         """Empty the rebuild tables, a page per step, unless a later rebuild takes them over."""
@@ -640,7 +677,7 @@ class SqlEvalProjection:
             more = log is not None
             while log is not None and more:
                 position, more = replay.catch_up(log, position, self.batch_size, connection)
-            _replace_live(connection, replay.differing or (), not_copied)
+            _replace_live(connection, replay.differing, not_copied)
             _locks.set_position(connection, PROJECTION, position)
         replay.report()
         replay.empty()

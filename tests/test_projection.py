@@ -278,8 +278,19 @@ def test_rebuild_replaces_the_projection(migrated: sa.Engine) -> None:
     assert reference(events) == snapshot(migrated)
 
 
-def test_rebuild_writes_exactly_the_rows_that_differ(migrated: sa.Engine) -> None:
-    """A checkpoint with another payload, a gone one, a new one, a changed study: all replaced."""
+@pytest.mark.parametrize("listed", ["listed", "too many to list"])
+def test_rebuild_writes_exactly_the_rows_that_differ(
+    migrated: sa.Engine, monkeypatch: pytest.MonkeyPatch, listed: str
+) -> None:
+    """A checkpoint with another payload, a gone one, a new one, a changed study: all replaced.
+
+    The same when more checkpoints differ than a rebuild lists by id: the
+    final transaction then compares all of them, a range of ids at a time
+    (here of one id).
+    """
+    if listed != "listed":
+        monkeypatch.setattr(projection_module, "_MAX_IDS", 0)
+        monkeypatch.setattr(projection_module, "_ID_CHUNK", 1)
     projection = SqlEvalProjection(migrated, batch_size=2)
     kept = [at(0, created(S2)), at(1, checkpoint(20, S2))]
     old = [*kept, at(2, created()), at(3, checkpoint(1)), at(4, checkpoint(2))]
@@ -287,19 +298,26 @@ def test_rebuild_writes_exactly_the_rows_that_differ(migrated: sa.Engine) -> Non
     new.append(at(6, checkpoint(3)))
     projection.apply_many(old)
     written: list[str] = []
+    deleted: list[int] = []
 
-    def record(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+    def record(
+        _conn: object, cursor: sa.engine.interfaces.DBAPICursor, statement: str, *_args: object
+    ) -> None:
         text = " ".join(statement.split()).lower()
         if text.startswith(("insert into studies", "insert into checkpoints", "delete from")):
             written.append(text)
+        if text.startswith("delete from checkpoints"):
+            deleted.append(cursor.rowcount)
 
-    sa.event.listen(migrated, "before_cursor_execute", record)
+    sa.event.listen(migrated, "after_cursor_execute", record)
     try:
         assert len(new) == projection.rebuild(new)
     finally:
-        sa.event.remove(migrated, "before_cursor_execute", record)
+        sa.event.remove(migrated, "after_cursor_execute", record)
     assert reference(new) == snapshot(migrated)
     assert any(text.startswith("insert into checkpoints") for text in written)
+    # The changed checkpoint and the gone one; the one kept as it was stays.
+    assert 2 == sum(deleted)
     assert [checkpoint(20, S2).to_checkpoint()] == SqlEvalStorage(migrated).get_checkpoints(S2)
 
 
