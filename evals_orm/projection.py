@@ -22,6 +22,7 @@ the live rows that differ, in one short transaction holding it.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -294,29 +295,35 @@ def _check_stored_checkpoints(
             )
 
 
-def _delete_copy_page(connection: sa.Connection) -> bool:
-    """Delete up to ``_ID_CHUNK`` rows of the rebuild tables (their lock held).
+@attrs.define
+class _CopyPages:
+    """Deletes the rows of the rebuild tables a page of ``_ID_CHUNK`` at a time, in key order.
 
-    Return whether any was left. A page at a time, so that emptying a
-    million rows never holds SQLite's one write lock for seconds; the last
-    page of a table is a ``DELETE`` of the whole table, which SQLite runs
-    without visiting the rows one by one (its truncate optimisation).
+    A page at a time, so that emptying a million rows never holds SQLite's
+    one write lock for seconds; the last page of a table is a ``DELETE`` of
+    the whole table, which SQLite runs without visiting the rows one by one
+    (its truncate optimisation).
     """
-    for key in (RebuildCheckpointRow.id, RebuildStudyRow.id):
-        next_page = connection.execute(
-            sa.select(key).order_by(key).offset(_ID_CHUNK).limit(1)
-        ).scalar()
-        if next_page is not None:
-            connection.execute(sa.delete(key.class_).where(key < next_page))
-            return True
-        connection.execute(sa.delete(key.class_))
-    return False
 
+    # Where the next page of each table starts (all below it is deleted):
+    # from the first key, PostgreSQL would scan the index over the dead rows
+    # of every page before it, again for each page.
+    starts: dict[str, UUID] = attrs.field(factory=dict)
 
-def _identical_checkpoint() -> sa.Exists:
-    """``EXISTS`` a live checkpoint equal to the copy's row (correlated to both tables)."""
-    live, copy = _LIVE.checkpoints, _COPY.checkpoints
-    return sa.exists().where(*(copy.c[column.key] == live.c[column.key] for column in copy.c))
+    def delete(self, connection: sa.Connection) -> bool:
+        """Delete the next page (the tables' lock held); return whether any rows are left."""
+        for key in (RebuildCheckpointRow.id, RebuildStudyRow.id):
+            table = key.class_.__tablename__
+            start = self.starts.get(table)
+            after = sa.true() if start is None else key >= start
+            rest = sa.select(key).where(after).order_by(key).offset(_ID_CHUNK).limit(1)
+            next_start = connection.execute(rest).scalar()
+            if next_start is not None:
+                connection.execute(sa.delete(key.class_).where(after, key < next_start))
+                self.starts[table] = next_start
+                return True
+            connection.execute(sa.delete(key.class_))
+        return False
 
 
 def _differing_checkpoints(connection: sa.Connection) -> list[UUID] | None:
@@ -359,29 +366,44 @@ def _at_most(connection: sa.Connection, ids: sa.Select[UUID]) -> list[UUID] | No
     return found if len(found) <= _MAX_IDS else None
 
 
-def _among(
-    connection: sa.Connection, column: sa.Column[UUID], ids: Collection[UUID] | None
-) -> Iterator[sa.ColumnElement[bool]]:
-    """Yield a condition on ``column`` per ``_ID_CHUNK`` of ``ids``.
+# The condition selecting one page of ids, on whichever id column it is given.
+_Page = Callable[[sa.ColumnElement[UUID]], sa.ColumnElement[bool]]
 
-    ``None`` for all the ids of ``column``'s table: then a condition per
-    range of ``_ID_CHUNK`` of them, in key order. Never all at once:
-    SQLite copies the rows an ``INSERT ... SELECT`` reading its own target
-    selects before it inserts them (embedded libSQL, into memory).
+
+def _pages(
+    connection: sa.Connection, column: sa.Column[UUID], ids: Collection[UUID] | None
+) -> Iterator[_Page]:
+    """Yield a page per ``_ID_CHUNK`` of ``ids``.
+
+    ``None`` for all the ids of ``column``'s table: then a page per range of
+    ``_ID_CHUNK`` of them, in key order. Never all at once: SQLite copies the
+    rows an ``INSERT ... SELECT`` reading its own target selects before it
+    inserts them (embedded libSQL, into memory). The statements put the page
+    on both sides of their subqueries: PostgreSQL plans a rebuild's tables
+    by their size on disk, and scanned the whole of the other one each time.
     """
     if ids is not None:
         for chunk in batched(ids, _ID_CHUNK):
-            yield _bulk.one_of(connection, column, chunk)
+            yield functools.partial(_bulk.one_of, connection, values=chunk)
         return
-    low: sa.ColumnElement[bool] = sa.true()
+    low: UUID | None = None
     while True:
-        page = sa.select(column).where(low).order_by(column).offset(_ID_CHUNK).limit(1)
-        high = connection.execute(page).scalar()
+        rest = sa.select(column).order_by(column).offset(_ID_CHUNK).limit(1)
+        if low is not None:
+            rest = rest.where(column >= low)
+        high = connection.execute(rest).scalar()
+        yield functools.partial(_id_range, low=low, high=high)
         if high is None:
-            yield low
             return
-        yield sa.and_(low, column < high)
-        low = column >= high
+        low = high
+
+
+def _id_range(
+    column: sa.ColumnElement[UUID], *, low: UUID | None, high: UUID | None
+) -> sa.ColumnElement[bool]:
+    return sa.and_(
+        sa.true() if low is None else column >= low, sa.true() if high is None else column < high
+    )
 
 
 def _replace_live(
@@ -398,12 +420,26 @@ def _replace_live(
     work here grows with what changed, not with the size of the projection;
     ``None`` stands for too many to list: then all of them are compared.
     """
+    live, copy = _LIVE.checkpoints, _COPY.checkpoints
+    for page in _pages(connection, live.c.id, differing):
+        identical = sa.exists().where(
+            page(copy.c.id), *(column == live.c[column.key] for column in copy.c)
+        )
+        connection.execute(sa.delete(live).where(page(live.c.id), ~identical))
+    for page in _pages(connection, live.c.id, not_copied):
+        copied = sa.exists().where(page(copy.c.id), copy.c.id == live.c.id)
+        connection.execute(sa.delete(live).where(page(live.c.id), ~copied))
+    _replace_studies(connection)
+    names = [column.key for column in _COPY.checkpoint_columns]
+    for page in _pages(connection, copy.c.id, differing):
+        stored = sa.exists().where(page(live.c.id), live.c.id == copy.c.id)
+        missing = sa.select(*_COPY.checkpoint_columns).where(page(copy.c.id), ~stored)
+        connection.execute(sa.insert(live).from_select(names, missing))
+
+
+def _replace_studies(connection: sa.Connection) -> None:
+    """Upsert the studies that differ; delete those the copy does not hold."""
     live, copy = _LIVE, _COPY
-    copied = sa.exists().where(copy.checkpoints.c.id == live.checkpoints.c.id)
-    for among in _among(connection, live.checkpoints.c.id, differing):
-        connection.execute(sa.delete(live.checkpoints).where(among, ~_identical_checkpoint()))
-    for among in _among(connection, live.checkpoints.c.id, not_copied):
-        connection.execute(sa.delete(live.checkpoints).where(among, ~copied))
     unchanged = sa.exists().where(
         *(column.is_not_distinct_from(live.studies.c[column.key]) for column in copy.state_columns)
     )
@@ -422,11 +458,6 @@ def _replace_live(
             "cannot remove studies the events no longer create: rows of other tables "
             "reference them; delete those rows first"
         ) from None
-    stored = sa.exists().where(live.checkpoints.c.id == copy.checkpoints.c.id)
-    names = [column.key for column in copy.checkpoint_columns]
-    for among in _among(connection, copy.checkpoints.c.id, differing):
-        missing = sa.select(*copy.checkpoint_columns).where(among, ~stored)
-        connection.execute(sa.insert(live.checkpoints).from_select(names, missing))
 
 
 def _clear_rows(connection: sa.Connection) -> None:
@@ -472,10 +503,11 @@ class _Replay:
             generation = _locks.lock(connection, REBUILD) + 1
             _locks.set_position(connection, REBUILD, generation)
             # What a rebuild that did not finish left there.
-            more = _delete_copy_page(connection)
+            pages = _CopyPages()
+            more = pages.delete(connection)
         replay = cls(bind, generation, on_progress)
         if more:
-            replay.empty()
+            replay.empty(pages)
         return replay
 
     @contextmanager
@@ -567,13 +599,14 @@ class _Replay:
         self.differing = None if differing is None else set(differing)
         return not_copied
 
-    def empty(self) -> None:
+    def empty(self, pages: _CopyPages | None = None) -> None:
         """Empty the rebuild tables, a page per step, unless a later rebuild takes them over."""
+        pages = _CopyPages() if pages is None else pages
         more = True
         while more:
             try:
                 with self.step() as connection:
-                    more = _delete_copy_page(connection)
+                    more = pages.delete(connection)
             except _Superseded:
                 return
 
