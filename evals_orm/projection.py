@@ -305,24 +305,19 @@ class _CopyPages:
     (its truncate optimisation).
     """
 
-    # Where the next page of each table starts (all below it is deleted):
-    # from the first key, PostgreSQL would scan the index over the dead rows
-    # of every page before it, again for each page.
+    # Where the next page of each table starts (all below it is deleted).
     starts: dict[str, UUID] = attrs.field(factory=dict)
 
     def delete(self, connection: sa.Connection) -> bool:
         """Delete the next page (the tables' lock held); return whether any rows are left."""
-        for key in (RebuildCheckpointRow.id, RebuildStudyRow.id):
-            table = key.class_.__tablename__
-            start = self.starts.get(table)
-            after = sa.true() if start is None else key >= start
-            rest = sa.select(key).where(after).order_by(key).offset(_ID_CHUNK).limit(1)
-            next_start = connection.execute(rest).scalar()
-            if next_start is not None:
-                connection.execute(sa.delete(key.class_).where(after, key < next_start))
-                self.starts[table] = next_start
+        for table in (_COPY.checkpoints, _COPY.studies):
+            start = self.starts.get(table.name)
+            end = _page_end(connection, table.c.id, start)
+            if end is not None:
+                connection.execute(sa.delete(table).where(_id_range(table.c.id, start, end)))
+                self.starts[table.name] = end
                 return True
-            connection.execute(sa.delete(key.class_))
+            connection.execute(sa.delete(table))
         return False
 
 
@@ -386,23 +381,34 @@ def _pages(
         for chunk in batched(ids, _ID_CHUNK):
             yield functools.partial(_bulk.one_of, connection, values=chunk)
         return
-    low: UUID | None = None
+    start: UUID | None = None
     while True:
-        rest = sa.select(column).order_by(column).offset(_ID_CHUNK).limit(1)
-        if low is not None:
-            rest = rest.where(column >= low)
-        high = connection.execute(rest).scalar()
-        yield functools.partial(_id_range, low=low, high=high)
-        if high is None:
+        end = _page_end(connection, column, start)
+        yield functools.partial(_id_range, start=start, end=end)
+        if end is None:
             return
-        low = high
+        start = end
+
+
+def _page_end(
+    connection: sa.Connection, column: sa.ColumnElement[UUID], start: UUID | None
+) -> UUID | None:
+    """Return the id ``_ID_CHUNK`` ids after ``start`` (the first id if ``None``); ``None`` if none.
+
+    Everything below ``start`` is passed over without a look: PostgreSQL
+    would otherwise scan the index over the dead rows of the pages deleted.
+    """
+    rest = sa.select(column).order_by(column).offset(_ID_CHUNK).limit(1)
+    return connection.execute(rest if start is None else rest.where(column >= start)).scalar()
 
 
 def _id_range(
-    column: sa.ColumnElement[UUID], *, low: UUID | None, high: UUID | None
+    column: sa.ColumnElement[UUID], start: UUID | None, end: UUID | None
 ) -> sa.ColumnElement[bool]:
+    """``start <= column < end``, either bound left out if ``None``."""
     return sa.and_(
-        sa.true() if low is None else column >= low, sa.true() if high is None else column < high
+        sa.true() if start is None else column >= start,
+        sa.true() if end is None else column < end,
     )
 
 
