@@ -26,11 +26,16 @@ from evals_orm._sqld import (
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqldServer]:
+def sqld() -> Path:
+    """The sqld binary; the test is skipped, saying why, where there is none."""
     try:
-        find_sqld()
+        return find_sqld()
     except SqldUnavailable as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def server(sqld: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqldServer]:
     with running_sqld(tmp_path_factory.mktemp("sqld")) as running:
         yield running
 
@@ -192,12 +197,9 @@ def test_reset_empties_the_database(server: SqldServer, engine: sa.Engine) -> No
     assert sa.inspect(engine).get_table_names() == []
 
 
+@pytest.mark.usefixtures("sqld")
 def test_server_is_stopped_after_the_context(tmp_path: Path) -> None:
     """Leaving running_sqld ends the process and frees the port."""
-    try:
-        find_sqld()
-    except SqldUnavailable as exc:
-        pytest.skip(str(exc))
     with running_sqld(tmp_path) as running:
         assert _post_pipeline(running, "SELECT 1", running.auth_token) == 200
         pid = running.pid
@@ -210,12 +212,9 @@ def test_server_is_stopped_after_the_context(tmp_path: Path) -> None:
         socket.create_connection(("127.0.0.1", running.port), timeout=2).close()
 
 
+@pytest.mark.usefixtures("sqld")
 def test_a_restarted_server_keeps_its_port_data_and_key(tmp_path: Path) -> None:
     """``stop`` + ``start`` brings the same database back on the same URL; the tokens still work."""
-    try:
-        find_sqld()
-    except SqldUnavailable as exc:
-        pytest.skip(str(exc))
     with running_sqld(tmp_path) as running:
         running.execute("CREATE TABLE kept (value TEXT)", "INSERT INTO kept VALUES ('row')")
         first_pid = running.pid
