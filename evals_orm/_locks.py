@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import sqlalchemy as sa
 
@@ -29,19 +30,14 @@ def lock(connection: sa.Connection, name: str) -> int:
 
 
 def _take(connection: sa.Connection, name: str) -> int:
-    """Upsert the lock row; where the server answers a wait with SQLITE_BUSY, wait here.
+    """Upsert the lock row; retry it where the server refused it only for now.
 
-    Only a lock statement that opens the transaction waits (nothing is
+    Only a lock statement that opens the transaction is retried (nothing is
     written yet, so the driver's transaction is rolled back and the
-    statement sent again); after an earlier write, SQLITE_BUSY is raised.
-    The async libSQL adapter waits for every such statement itself.
+    statement sent again); after an earlier write the refusal is raised.
     """
+    retryable = _retryable(connection)
     dbapi = connection.connection.dbapi_connection
-    waits = (
-        backend_of(connection.engine).busy_first_write
-        and not connection.dialect.is_async
-        and not getattr(dbapi, "in_transaction", True)
-    )
     deadline = time.monotonic() + _writer.WAIT_S
     pause = 0.01
     while True:
@@ -55,15 +51,54 @@ def _take(connection: sa.Connection, name: str) -> int:
                 returning=TrackingRow.position,
             )
         except sa.exc.OperationalError as error:
-            busy = "SQLITE_BUSY" in str(error.orig)
-            if not (waits and busy) or time.monotonic() + pause > deadline:
+            if not retryable(error.orig) or time.monotonic() + pause > deadline:
                 raise
         else:
             return position
         assert dbapi is not None
         dbapi.rollback()
-        time.sleep(pause)
+        _writer.pause(pause)
         pause = min(2 * pause, 0.2)
+
+
+def _retryable(connection: sa.Connection) -> Callable[[BaseException | None], bool]:
+    """Return which refusals of the lock statement about to run are only for now.
+
+    Two, and only while the transaction has written nothing:
+
+    * SQLITE_BUSY, from a server that answers a wait with it
+      (``Backend.busy_first_write``); the async libSQL adapter waits for
+      every such statement itself;
+    * InnoDB's deadlock (error 1213) between upserts creating the same new
+      row: when the first one rolls back, the two queued behind it deadlock
+      and the server cancels one.
+    """
+    dbapi = connection.connection.dbapi_connection
+    backend = backend_of(connection.engine)
+    if backend.busy_first_write:
+        if connection.dialect.is_async or getattr(dbapi, "in_transaction", True):
+            return _never
+        return lambda error: "SQLITE_BUSY" in str(error)
+    if backend.family == "mysql":
+        # PyMySQL and asyncmy (under SQLAlchemy's async adapter) keep the
+        # server's status flags; inside a savepoint the caller's transaction
+        # is at stake, and InnoDB's deadlock has rolled all of it back.
+        driver = getattr(dbapi, "_connection", dbapi)
+        status = getattr(driver, "server_status", _IN_TRANSACTION)
+        if connection.in_nested_transaction() or status & _IN_TRANSACTION:
+            return _never
+        return lambda error: error is not None and error.args[:1] == (_DEADLOCK,)
+    return _never
+
+
+def _never(_error: BaseException | None) -> bool:
+    return False
+
+
+# MySQL's protocol: the server status flag of a transaction that has written.
+_IN_TRANSACTION = 1
+# MySQL's and MariaDB's ER_LOCK_DEADLOCK.
+_DEADLOCK = 1213
 
 
 def set_position(connection: sa.Connection, name: str, position: int) -> None:

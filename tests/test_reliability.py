@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -493,6 +494,7 @@ def _remote(server: SqldServer) -> Database:
 CATCH_UP = """
 import logging
 import sys
+import threading
 from evals_orm import EvalsError, SqlEvalProjection, SqlEventLog, create_engine
 logging.getLogger().addHandler(logging.NullHandler())
 engine = create_engine(sys.argv[1], auth_token=sys.argv[2])
@@ -632,3 +634,36 @@ def test_a_postgresql_connection_killed_during_a_long_command_is_one_sentence(
     result = finish(started)
     assert 1 == result.code
     _one_sentence(result.stderr)
+
+
+# --- the first use of a lock row -------------------------------------------------
+
+
+def test_writers_racing_to_create_a_lock_row_all_get_it(migrated: sa.Engine) -> None:
+    """Writers that queue behind an uncommitted first use of a lock row all take it in turn.
+
+    On InnoDB the first writer's rollback leaves the two waiting upserts of
+    the new row in a deadlock, and the server cancels one of them (error
+    1213): the lock statement opened its transaction, so it is sent again.
+    """
+    first = migrated.connect()
+    first.begin()
+    _locks.lock(first, "race")
+    outcomes: list[object] = []
+
+    def take() -> None:
+        try:
+            with migrated.begin() as connection:
+                outcomes.append(_locks.lock(connection, "race"))
+        except Exception as error:  # the outcome is what the test asserts
+            outcomes.append(error)
+
+    waiters = [threading.Thread(target=take) for _ in range(2)]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.5)  # both are waiting on the first one's row
+    first.rollback()
+    first.close()
+    for waiter in waiters:
+        waiter.join(60)
+    assert [0, 0] == outcomes
