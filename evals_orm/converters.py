@@ -30,6 +30,7 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 from cattrs.strategies import configure_tagged_union
 
+from evals_orm._text import utc_text, uuid_text
 from evals_orm.domain import (
     Checkpoint,
     FieldError,
@@ -42,6 +43,7 @@ from evals_orm.domain import (
     describe,
     unchecked_constructor,
     unchecked_uuid,
+    with_nanosecond,
 )
 from evals_orm.errors import InvalidEventError
 from evals_orm.events import (
@@ -155,22 +157,7 @@ def _structure_datetime(value: Any, _: Any) -> datetime:
     except OverflowError:
         reason = f"timestamp {value!r} is outside the years 1..9999 a Python datetime holds"
         raise FieldError("", reason) from None
-    return _with_nanosecond(moment, nanosecond) if nanosecond else moment
-
-
-def _with_nanosecond(moment: datetime, nanosecond: int) -> NanoDatetime:
-    fields = moment.timetuple()[:6]
-    return NanoDatetime(*fields, moment.microsecond, _UTC, nanosecond=nanosecond)
-
-
-# orjson writes "YYYY-MM-DDTHH:MM:SSZ" of an aware datetime several times
-# faster than isoformat; the fraction is written below, as chrono does.
-_TO_SECONDS = orjson.OPT_UTC_Z | orjson.OPT_OMIT_MICROSECONDS
-
-
-def _plain_datetime(value: datetime) -> datetime:
-    # orjson writes datetime itself, not subclasses such as NanoDatetime.
-    return datetime(*value.timetuple()[:6], tzinfo=value.tzinfo)
+    return with_nanosecond(moment, nanosecond) if nanosecond else moment
 
 
 def _unstructure_datetime(value: datetime) -> str:
@@ -179,15 +166,14 @@ def _unstructure_datetime(value: datetime) -> str:
         if value.utcoffset() is None:
             raise FieldError("", f"naive datetime {value.isoformat()} has no offset")
         value = value.astimezone(_UTC)
-    text = orjson.dumps(value, default=_plain_datetime, option=_TO_SECONDS)[1:-2].decode()
-    nanos = value.microsecond * 1000 + getattr(value, "nanosecond", 0)
-    if not nanos:
-        return text + "Z"
-    if not nanos % 1_000_000:
-        return f"{text}.{nanos // 1_000_000:03d}Z"
-    if not nanos % 1000:
-        return f"{text}.{nanos // 1000:06d}Z"
-    return f"{text}.{nanos:09d}Z"
+    text = utc_text(value)  # "YYYY-MM-DDTHH:MM:SSZ", with ".ffffff" if there are microseconds
+    microsecond = value.microsecond
+    nanosecond = value.nanosecond if isinstance(value, NanoDatetime) else 0
+    if nanosecond:
+        return f"{text[:19]}.{microsecond:06d}{nanosecond:03d}Z"
+    if microsecond % 1000 or not microsecond:
+        return text
+    return text[:-4] + "Z"  # milliseconds: three digits
 
 
 def _structure_duration(value: Any, _: Any) -> timedelta:
@@ -445,7 +431,7 @@ def configure_converter(conv: cattrs.Converter) -> None:
     conv.register_structure_hook(timedelta, _structure_duration)
     conv.register_unstructure_hook(timedelta, _unstructure_duration)
     conv.register_structure_hook(UUID, _structure_uuid)
-    conv.register_unstructure_hook(UUID, str)
+    conv.register_unstructure_hook(UUID, uuid_text)
     conv.register_structure_hook(PeriodType, _structure_period_type)
     conv.register_unstructure_hook(PeriodType, lambda member: member.value)
     # A list of the strings as they are (cattrs would unstructure each one).
@@ -519,7 +505,7 @@ def _written_datetime(text: str) -> datetime:
     # "+00:00" rather than "Z": Python 3.10's fromisoformat knows only offsets.
     if len(text) < _NANO_TIMESTAMP_LENGTH:
         return _fromisoformat(text[:-1] + "+00:00")
-    return _with_nanosecond(_fromisoformat(text[:26] + "+00:00"), int(text[26:29]))
+    return with_nanosecond(_fromisoformat(text[:26] + "+00:00"), int(text[26:29]))
 
 
 def _written_duration(value: list[int]) -> timedelta:

@@ -42,6 +42,7 @@ __all__ = [
     "unchecked_uuid",
     "uuid7",
     "uuid7_at",
+    "with_nanosecond",
 ]
 
 A = TypeVar("A", bound=attrs.AttrsInstance)
@@ -104,6 +105,8 @@ def ensure_utc(value: datetime, name: str) -> datetime:
     """Return ``value`` in UTC; reject naive datetimes with a ``ValueError`` naming ``name``."""
     if not isinstance(value, datetime):
         raise TypeError(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is timezone.utc:  # the usual case, answered without a call
+        return value
     offset = value.utcoffset()
     if offset is None:
         raise ValueError(f"{name} must be a timezone-aware datetime, got naive {value.isoformat()}")
@@ -202,9 +205,7 @@ class NanoDatetime(datetime):
 
     def astimezone(self, tz: tzinfo_type | None = None) -> NanoDatetime:
         """Return the same instant in ``tz``, nanoseconds kept."""
-        moment = datetime.astimezone(self, tz)
-        fields = moment.timetuple()[:6]
-        return NanoDatetime(*fields, moment.microsecond, moment.tzinfo, nanosecond=self.nanosecond)
+        return with_nanosecond(datetime.astimezone(self, tz), self.nanosecond)
 
     def __hash__(self) -> int:
         plain = datetime.__hash__(self)
@@ -240,6 +241,30 @@ class NanoDatetime(datetime):
     def __ge__(self, other: date) -> bool:
         order = self._compare(other)
         return NotImplemented if order is None else order >= 0
+
+
+_new_datetime = datetime.__new__
+_set_nanosecond = NanoDatetime.__dict__["_nanosecond"].__set__
+
+
+def with_nanosecond(moment: datetime, nanosecond: int) -> NanoDatetime:
+    """Return ``moment`` (its fields and time zone) with ``nanosecond`` (0..999) added."""
+    _check_nanosecond(nanosecond)
+    # datetime's own constructor on the subclass, and the slot set directly:
+    # several times faster than ``timetuple()`` and NanoDatetime's __new__.
+    value = _new_datetime(
+        NanoDatetime,
+        moment.year,
+        moment.month,
+        moment.day,
+        moment.hour,
+        moment.minute,
+        moment.second,
+        moment.microsecond,
+        moment.tzinfo,
+    )
+    _set_nanosecond(value, nanosecond)
+    return value
 
 
 def _nano_datetime(  # noqa: PLR0917 - NanoDatetime's fields, for pickle and copy
@@ -283,7 +308,7 @@ class NanoTimedelta(timedelta):
     ) -> NanoTimedelta:
         """Build ``seconds`` + ``microseconds`` + ``nanosecond`` (0..999) nanoseconds."""
         _check_nanosecond(nanosecond)
-        self = super().__new__(cls, seconds=seconds, microseconds=microseconds)
+        self = super().__new__(cls, 0, seconds, microseconds)
         self._nanosecond = nanosecond
         return self
 

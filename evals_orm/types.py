@@ -24,6 +24,7 @@ from sqlalchemy.sql.functions import GenericFunction
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from evals_orm import converters
+from evals_orm._text import utc_text, uuid_text
 from evals_orm.domain import ensure_utc, unchecked_uuid
 
 __all__ = ["GUID", "MYSQL_DIALECTS", "EnumText", "UInt32", "UInt64", "UTCDateTime", "WireJSON"]
@@ -58,8 +59,8 @@ Binder = Callable[[Any], Any]
 
 def format_utc_text(value: datetime) -> str:
     """Format an aware UTC datetime as fixed-width ``YYYY-MM-DDTHH:MM:SS.ffffffZ``."""
-    # isoformat pads the year to four digits; [:26] cuts its "+00:00".
-    return value.isoformat(timespec="microseconds")[:26] + "Z"
+    text = utc_text(value)
+    return text if value.microsecond else text[:-1] + ".000000Z"
 
 
 def parse_utc_text(text: str) -> datetime:
@@ -178,7 +179,7 @@ def _uuid_bytes(value: UUID | str | None) -> bytes | None:
 
 
 def _uuid_text(value: UUID | str | None) -> str | None:
-    return None if value is None else str(_as_uuid(value))
+    return None if value is None else uuid_text(_as_uuid(value))
 
 
 def _uuid_of_text(value: str | None) -> UUID | None:

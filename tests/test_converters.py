@@ -439,8 +439,12 @@ def test_timestamp_input_forms(text: str, expected: str) -> None:
 )
 def test_timestamp_output_uses_0_3_6_or_9_digits(micro: int, nano: int, expected: str) -> None:
     """Timestamps are written with chrono's automatic 0, 3, 6 or 9 fraction digits."""
-    value = NanoDatetime(2024, 1, 2, 3, 4, 5, micro, timezone.utc, nanosecond=nano)
-    assert expected == unstructure(value)
+    values: list[datetime] = [
+        NanoDatetime(2024, 1, 2, 3, 4, 5, micro, timezone.utc, nanosecond=nano)
+    ]
+    if not nano:
+        values.append(datetime(2024, 1, 2, 3, 4, 5, micro, timezone.utc))
+    assert [expected] * len(values) == [unstructure(value) for value in values]
 
 
 def test_non_utc_datetime_is_written_in_utc() -> None:

@@ -24,6 +24,7 @@ from evals_orm.domain import (
     TimePeriod,
     unchecked_constructor,
     unchecked_uuid,
+    with_nanosecond,
 )
 from evals_orm.events import CheckpointRecorded, StudyCreated, StudyPaused, uuid7_time
 
@@ -137,6 +138,18 @@ def test_nano_datetime_keeps_its_nanoseconds_across_time_zones_only() -> None:
     assert value == TimePeriod(local, local).start
     assert 0 == value.replace(second=1).nanosecond
     assert datetime(2024, 1, 1, 0, 0, 1, 5, timezone.utc) == value + timedelta(seconds=1)
+
+
+@given(st.datetimes(timezones=st.sampled_from([None, UTC])), st.integers(0, 999))
+def test_with_nanosecond_is_the_moment_with_its_nanoseconds(moment: datetime, nano: int) -> None:
+    """with_nanosecond builds what NanoDatetime's constructor builds from the same fields."""
+    fields = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
+    expected = NanoDatetime(*fields, moment.microsecond, moment.tzinfo, nanosecond=nano)
+    actual = with_nanosecond(moment, nano)
+    assert (type(expected), expected, expected.tzinfo) == (type(actual), actual, actual.tzinfo)
+    assert nano == actual.nanosecond
+    with pytest.raises(ValueError, match=r"nanosecond must be in 0\.\.999"):
+        with_nanosecond(moment, 1000)
 
 
 def test_float_fields_take_integers_and_lifecycle_events_share_study_id() -> None:

@@ -9,12 +9,15 @@ from uuid import UUID
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy.dialects.sqlite.base import SQLiteDialect
 from sqlalchemy.orm import Session
 
 from evals_orm import dumps
 from evals_orm.domain import NanoDatetime, NanoTimedelta, StudyConfig, TimePeriod, uuid7
 from evals_orm.models import CheckpointRow, StudyRow
-from evals_orm.types import UInt32, UInt64, UTCDateTime
+from evals_orm.types import GUID, UInt32, UInt64, UTCDateTime, format_utc_text
 
 from support import UTC, checkpoint_row, metrics, raw_rows, seed, study_row
 
@@ -66,6 +69,24 @@ def test_timestamps_are_fixed_width_utc_text(migrated: sa.Engine) -> None:
             )
         ]
     assert expected == actual
+
+
+class _UUIDSubclass(UUID):
+    __slots__ = ()
+
+
+@given(st.datetimes(timezones=st.just(UTC)), st.integers(0, 999), st.uuids())
+def test_timestamp_and_uuid_text_are_isoformat_and_str(
+    moment: datetime, nano: int, value: UUID
+) -> None:
+    """The TEXT columns' forms match isoformat and str, for subclasses too (orjson writes them)."""
+    expected = moment.isoformat(timespec="microseconds")[:26] + "Z"
+    for instant in (moment, NanoDatetime(*moment.timetuple()[:6], moment.microsecond, UTC)):
+        assert expected == format_utc_text(instant)
+    nano_instant = NanoDatetime(*moment.timetuple()[:6], moment.microsecond, UTC, nanosecond=nano)
+    assert expected == format_utc_text(nano_instant)
+    for uuid in (value, _UUIDSubclass(int=value.int)):
+        assert str(value) == GUID().process_bind_param(uuid, SQLiteDialect())
 
 
 def test_stored_timestamp_order_is_time_order(migrated: sa.Engine) -> None:
