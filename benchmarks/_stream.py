@@ -9,7 +9,10 @@ staggered over the first two days; at each tick every live study emits its
 next step (created + started, one checkpoint, sometimes a pause or a resume,
 at the end a stop for most). Event ids are UUIDv7 built from that clock, with
 the millisecond advancing by one per event, so ids are unique, increase along
-the stream and are the same on every run.
+the stream and are the same on every run. With ``nanoseconds``, checkpoints
+are stamped as the Rust service stamps them (chrono's ``Utc::now()``): the
+timestamps, the period and the average session duration carry a 9-digit
+fraction.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from evals_orm import (
     CheckpointRecorded,
     EvalEvent,
     LongitudinalMetrics,
+    NanoDatetime,
+    NanoTimedelta,
     PeriodType,
     StoredEvalEvent,
     StudyConfig,
@@ -64,6 +69,8 @@ class Shape:
     seed: int = 2024
     # Offsets the study numbers, so two streams of one seed can share a database.
     first_study: int = 0
+    # Stamp checkpoints to the nanosecond, as the Rust service does.
+    nanoseconds: bool = False
 
     @property
     def events(self) -> int:
@@ -157,7 +164,7 @@ def events(shape: Shape) -> Iterator[StoredEvalEvent]:
         instant = CLOCK_START + tick * TICK
         still_live: list[_Study] = []
         for study in live:
-            yield from _step(shape, study, instant, clock)
+            yield from _step(shape, study, _stamped(shape, study, instant), clock)
             if study.recorded < shape.checkpoints_per_study:
                 still_live.append(study)
             elif study.plan.stops:
@@ -209,6 +216,26 @@ def _step(
         yield clock.stamp(StudyResumed(study.id))
 
 
+def _stamped(shape: Shape, study: _Study, instant: datetime) -> datetime:
+    """Return ``instant``, or with ``shape.nanoseconds`` a moment in the second after it."""
+    if not shape.nanoseconds:
+        return instant
+    nanos = study.rng.getrandbits(30) % 1_000_000_000
+    moment = instant + timedelta(microseconds=nanos // 1000)
+    fields = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
+    return NanoDatetime(*fields, moment.microsecond, moment.tzinfo, nanosecond=nanos % 1000)
+
+
+def _earlier(instant: datetime, delta: timedelta) -> datetime:
+    """``instant - delta``, nanoseconds kept (datetime arithmetic drops them)."""
+    moment = instant - delta
+    if not isinstance(instant, NanoDatetime):
+        return moment
+    nanosecond = instant.nanosecond
+    fields = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
+    return NanoDatetime(*fields, moment.microsecond, moment.tzinfo, nanosecond=nanosecond)
+
+
 def _checkpoint(study: _Study, instant: datetime, clock: _Clock) -> CheckpointRecorded:
     # Few random draws per checkpoint: generating must stay cheap next to storing.
     draw = study.rng.random
@@ -225,10 +252,14 @@ def _checkpoint(study: _Study, instant: datetime, clock: _Clock) -> CheckpointRe
     study.tokens += tokens
     study.cost += cost
     study.learnings += sessions % 4
+    duration = timedelta(microseconds=int(60e6 + spread * 3_540e6))
+    if isinstance(instant, NanoDatetime):
+        seconds, nanos = divmod(int(60e9 + spread * 3_540e9), 1_000_000_000)
+        duration = NanoTimedelta(seconds, nanos // 1000, nanosecond=nanos % 1000)
     metrics = LongitudinalMetrics(
         sessions_completed=study.sessions,
         session_success_rate=rate,
-        avg_session_duration=timedelta(microseconds=int(60e6 + spread * 3_540e6)),
+        avg_session_duration=duration,
         tasks_completed=study.tasks,
         first_attempt_success_rate=rate * (0.6 + 0.35 * spread),
         avg_iterations_to_success=1.0 + 3.0 * (1.0 - rate),
@@ -242,7 +273,7 @@ def _checkpoint(study: _Study, instant: datetime, clock: _Clock) -> CheckpointRe
         total_tokens=study.tokens,
         total_cost=study.cost,
         cost_per_successful_task=cost / succeeded,
-        period=TimePeriod(instant - TICK, instant),
+        period=TimePeriod(_earlier(instant, TICK), instant),
     )
     first_session = study.sessions - sessions
     return CheckpointRecorded(

@@ -14,7 +14,12 @@ above 1.0 decoding into typed, validated domain objects beats bare dicts):
   selecting its rows and ``json.loads`` of their metrics and sessions
   (PostgreSQL's driver parses jsonb itself, so there raw is the fetch).
 
-Usage: ``python benchmarks/decode.py [--backend sqlite ...] [--studies N] [--clock cpu]``.
+``--nanoseconds`` stamps the checkpoints as the Rust service does (9-digit
+timestamps and durations), which the domain types carry as ``NanoDatetime``
+and ``NanoTimedelta``.
+
+Usage: ``python benchmarks/decode.py [--backend sqlite ...] [--studies N] [--clock cpu]
+[--nanoseconds]``.
 """
 
 from __future__ import annotations
@@ -103,10 +108,9 @@ def raw_checkpoints(connection: Any, backend: str, study_id: StudyId) -> int:
 
 
 def bench_backend(
-    server: Server, studies: int, rounds: int, clock: Callable[[], float]
+    server: Server, shape: Shape, rounds: int, clock: Callable[[], float]
 ) -> list[list[object]]:
     """Log a stream, then time reading, rebuilding and querying it against the raw script."""
-    shape = Shape(studies, CHECKPOINTS_PER_STUDY)
     with server.fresh() as target:
         engine = target.migrated_engine()
         try:
@@ -172,14 +176,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="cpu: this process's CPU time, steadier on a busy machine (PostgreSQL's own"
         " work is then left out of both sides)",
     )
+    parser.add_argument(
+        "--nanoseconds",
+        action="store_true",
+        help="stamp checkpoints to the nanosecond, as the Rust service does",
+    )
     args = parser.parse_args(argv)
+    shape = Shape(args.studies, CHECKPOINTS_PER_STUDY, nanoseconds=args.nanoseconds)
     rows: list[list[object]] = []
     with tempfile.TemporaryDirectory() as workdir:
         for backend in args.backend or BACKENDS:
             with Server(backend, Path(workdir)) as server:
-                rows.extend(bench_backend(server, args.studies, args.rounds, CLOCKS[args.clock]))
+                rows.extend(bench_backend(server, shape, args.rounds, CLOCKS[args.clock]))
     print_table(
-        f"Decoding vs a raw-driver script ({args.clock} time; raw/ours, goal >= {GOAL})",
+        f"Decoding vs a raw-driver script ({args.clock} time"
+        f"{', nanosecond stamps' if args.nanoseconds else ''}; raw/ours, goal >= {GOAL})",
         ["backend", "what", "rows", "raw us/row", "ours us/row", "raw/ours"],
         rows,
     )

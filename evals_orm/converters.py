@@ -36,11 +36,11 @@ from evals_orm.domain import (
     FieldError,
     LongitudinalMetrics,
     NanoDatetime,
-    NanoTimedelta,
     PeriodType,
     StudyConfig,
     TimePeriod,
     describe,
+    duration_of,
     unchecked_constructor,
     unchecked_uuid,
     with_nanosecond,
@@ -188,16 +188,10 @@ def _structure_duration(value: Any, _: Any) -> timedelta:
         reason = f"nanoseconds must be an integer in 0..999999999, got {describe(nanos)}"
         raise FieldError("[1]", reason)
     try:
-        return _duration(seconds, nanos)
+        return duration_of(seconds, nanos)
     except OverflowError:
         reason = f"duration of {seconds} s is out of range (a timedelta holds ±999999999 days)"
         raise FieldError("", reason) from None
-
-
-def _duration(seconds: int, nanos: int) -> timedelta:
-    if nanos % 1000:
-        return NanoTimedelta(seconds, nanos // 1000, nanosecond=nanos % 1000)
-    return timedelta(0, seconds, nanos // 1000)
 
 
 def _unstructure_duration(value: timedelta) -> list[int]:
@@ -509,7 +503,7 @@ def _written_datetime(text: str) -> datetime:
 
 
 def _written_duration(value: list[int]) -> timedelta:
-    return _duration(*value)
+    return duration_of(*value)
 
 
 _WRITTEN_SCALARS: dict[Any, Callable[[Any], Any]] = {

@@ -30,6 +30,7 @@ __all__ = [
     "StudyStatus",
     "TimePeriod",
     "describe",
+    "duration_of",
     "ensure_utc",
     "require_aware",
     "require_instance",
@@ -244,25 +245,17 @@ class NanoDatetime(datetime):
 
 
 _new_datetime = datetime.__new__
+_datetime_state = datetime.__reduce__
 _set_nanosecond = NanoDatetime.__dict__["_nanosecond"].__set__
 
 
 def with_nanosecond(moment: datetime, nanosecond: int) -> NanoDatetime:
     """Return ``moment`` (its fields and time zone) with ``nanosecond`` (0..999) added."""
     _check_nanosecond(nanosecond)
-    # datetime's own constructor on the subclass, and the slot set directly:
-    # several times faster than ``timetuple()`` and NanoDatetime's __new__.
-    value = _new_datetime(
-        NanoDatetime,
-        moment.year,
-        moment.month,
-        moment.day,
-        moment.hour,
-        moment.minute,
-        moment.second,
-        moment.microsecond,
-        moment.tzinfo,
-    )
+    # datetime's own constructor on the subclass, from the fields packed as
+    # its pickle state, and the slot set directly: several times faster than
+    # ``timetuple()`` and NanoDatetime's __new__.
+    value = _new_datetime(NanoDatetime, *_datetime_state(moment)[1])
     _set_nanosecond(value, nanosecond)
     return value
 
@@ -353,6 +346,25 @@ class NanoTimedelta(timedelta):
     def __ge__(self, other: timedelta) -> bool:
         order = self._compare(other)
         return NotImplemented if order is None else order >= 0
+
+
+_new_timedelta = timedelta.__new__
+_set_timedelta_nanosecond = NanoTimedelta.__dict__["_nanosecond"].__set__
+
+
+def duration_of(seconds: int, nanoseconds: int) -> timedelta:
+    """Return ``seconds`` and ``nanoseconds`` (0..999,999,999), chrono's two parts of a duration.
+
+    A ``NanoTimedelta`` if there are nanoseconds below the microsecond, else
+    a plain ``timedelta``; built by timedelta's own constructor, the slot set
+    directly (NanoTimedelta's __new__ costs twice as much).
+    """
+    microseconds, nanosecond = divmod(nanoseconds, _NANOS_PER_MICRO)
+    if not nanosecond:
+        return timedelta(0, seconds, microseconds)
+    value = _new_timedelta(NanoTimedelta, 0, seconds, microseconds)
+    _set_timedelta_nanosecond(value, nanosecond)
+    return value
 
 
 def to_utc(value: datetime) -> datetime:

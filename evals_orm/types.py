@@ -66,7 +66,8 @@ def format_utc_text(value: datetime) -> str:
 def parse_utc_text(text: str) -> datetime:
     """Parse a stored timestamp (ours, or any ISO 8601 form with an offset) as UTC."""
     if text.endswith(("Z", "z")):
-        return datetime.fromisoformat(text[:-1]).replace(tzinfo=timezone.utc)
+        # An offset rather than "Z": Python 3.10's fromisoformat knows only offsets.
+        return datetime.fromisoformat(text[:-1] + "+00:00")
     value = datetime.fromisoformat(text)
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
@@ -83,6 +84,10 @@ def _naive_utc_datetime(value: datetime | None) -> datetime | None:
 
 def _utc_text(value: datetime | None) -> str | None:
     return None if value is None else format_utc_text(ensure_utc(value, "datetime parameter"))
+
+
+def _utc_of_text(value: str | None) -> datetime | None:
+    return None if value is None else parse_utc_text(value)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -113,6 +118,12 @@ class UTCDateTime(TypeDecorator[datetime]):
         if _is_mysql(dialect):
             return _naive_utc_datetime
         return _utc_text
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        if dialect.name == "sqlite":
+            return _utc_of_text
+        # PostgreSQL's and MySQL's drivers return datetimes: the general way.
+        return super().result_processor(dialect, coltype)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:

@@ -22,6 +22,7 @@ from evals_orm.domain import (
     NanoTimedelta,
     StudyConfig,
     TimePeriod,
+    duration_of,
     unchecked_constructor,
     unchecked_uuid,
     with_nanosecond,
@@ -150,6 +151,17 @@ def test_with_nanosecond_is_the_moment_with_its_nanoseconds(moment: datetime, na
     assert nano == actual.nanosecond
     with pytest.raises(ValueError, match=r"nanosecond must be in 0\.\.999"):
         with_nanosecond(moment, 1000)
+
+
+@given(st.integers(-(10**12), 10**12), st.integers(0, 999_999_999))
+def test_duration_of_is_chronos_seconds_and_nanoseconds(seconds: int, nanos: int) -> None:
+    """duration_of holds exactly seconds + nanoseconds, as a NanoTimedelta only below the µs."""
+    micro, nano = divmod(nanos, 1000)
+    actual = duration_of(seconds, nanos)
+    assert NanoTimedelta(seconds, micro, nanosecond=nano) == actual
+    assert (NanoTimedelta if nano else timedelta) is type(actual)
+    assert nano == getattr(actual, "nanosecond", 0)
+    assert timedelta(seconds=seconds, microseconds=micro) == actual - NanoTimedelta(0)
 
 
 def test_float_fields_take_integers_and_lifecycle_events_share_study_id() -> None:

@@ -169,6 +169,24 @@ def test_uuids_written_elsewhere_read_in_every_form_uuid_reads(migrated: sa.Engi
             assert study_id == session.scalars(sa.select(StudyRow.id)).one()
 
 
+def test_timestamps_written_elsewhere_read_back_in_utc(migrated: sa.Engine) -> None:
+    """SQLite/libSQL text in other ISO 8601 forms (z, an offset, no fraction) reads as UTC."""
+    if not _is_sqlite(migrated):
+        pytest.skip("only SQLite/libSQL store timestamps as text")
+    seed(migrated, [study_row()])
+    expected = datetime(2024, 3, 1, 12, 0, 0, 250000, tzinfo=UTC)
+    with Session(migrated) as session:
+        for text in (
+            "2024-03-01T12:00:00.250000Z",
+            "2024-03-01T12:00:00.25z",
+            "2024-03-01 14:00:00.25+02:00",
+            "2024-03-01T12:00:00.250",
+        ):
+            session.execute(sa.text("UPDATE studies SET created_at = :at"), {"at": text})
+            actual = session.scalars(sa.select(StudyRow.created_at)).one()
+            assert (expected, UTC) == (actual, actual.tzinfo), text
+
+
 def test_json_columns_hold_the_wire_format(migrated: sa.Engine) -> None:
     """config, metrics and sessions_included are dumps() text (SQLite, libSQL, MariaDB) or jsonb."""
     config = StudyConfig('Ünïcode ✓ "quoted"', ("b", "a"), {"zeta": "1", "alpha": "2"})
