@@ -1,8 +1,9 @@
 """The text of UUIDs and UTC instants, as the wire format and the TEXT columns write them.
 
 orjson writes both in C, several times faster than ``str(uuid)`` and
-``datetime.isoformat``; a subclass it does not take (``NanoDatetime``, a
-caller's UUID subclass) is handed to it as its base class.
+``datetime.isoformat``. It takes ``UUID`` and ``datetime`` themselves, not
+subclasses, so a ``NanoDatetime`` (or a caller's UUID subclass) is handed
+over as its base class first.
 """
 
 from __future__ import annotations
@@ -14,29 +15,16 @@ import orjson
 
 __all__ = ["utc_text", "uuid_text"]
 
-
-def _base(value: object) -> object:
-    # orjson's ``default``: called only for what it does not write itself.
-    if isinstance(value, datetime):
-        # Field by field: ``timetuple()`` costs several times as much.
-        return datetime(
-            value.year,
-            value.month,
-            value.day,
-            value.hour,
-            value.minute,
-            value.second,
-            value.microsecond,
-            value.tzinfo,
-        )
-    if isinstance(value, UUID):
-        return str(value)
-    raise TypeError
+# The fields of a datetime packed as its pickle state: a datetime of the base
+# class is made from them several times faster than field by field.
+_datetime_state = datetime.__reduce__
 
 
 def uuid_text(value: UUID) -> str:
     """Return the hyphenated lowercase form of ``value``, as ``str(value)``."""
-    return orjson.dumps(value, default=_base)[1:-1].decode()
+    if type(value) is not UUID:
+        value = UUID(int=value.int)
+    return orjson.dumps(value)[1:-1].decode()
 
 
 def utc_text(value: datetime) -> str:
@@ -44,4 +32,6 @@ def utc_text(value: datetime) -> str:
 
     The six fraction digits are there only if ``value.microsecond`` is not 0.
     """
-    return orjson.dumps(value, default=_base, option=orjson.OPT_UTC_Z)[1:-1].decode()
+    if type(value) is not datetime:
+        value = datetime(*_datetime_state(value)[1])
+    return orjson.dumps(value, option=orjson.OPT_UTC_Z)[1:-1].decode()
