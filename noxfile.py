@@ -65,6 +65,7 @@ def bench(session: nox.Session) -> None:
     session.install(".[testing]")
     session.run("python", "benchmarks/bench.py", *session.posargs)
     session.run("python", "benchmarks/decode.py")
+    session.run("python", "benchmarks/decode.py", "--nanoseconds")
     session.run("python", "benchmarks/rebuild_wait.py")
     # Issue 19: a follower's latency and idle CPU (its own script: it runs processes).
     session.run("python", "benchmarks/follow_latency.py")
