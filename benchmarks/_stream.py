@@ -30,7 +30,6 @@ from evals_orm import (
     EvalEvent,
     LongitudinalMetrics,
     NanoDatetime,
-    NanoTimedelta,
     PeriodType,
     StoredEvalEvent,
     StudyConfig,
@@ -43,6 +42,7 @@ from evals_orm import (
     TimePeriod,
     uuid7_at,
 )
+from evals_orm.domain import duration_of, with_nanosecond
 
 __all__ = ["CLOCK_START", "TICK", "Shape", "events", "uuid_v4"]
 
@@ -221,19 +221,14 @@ def _stamped(shape: Shape, study: _Study, instant: datetime) -> datetime:
     if not shape.nanoseconds:
         return instant
     nanos = study.rng.getrandbits(30) % 1_000_000_000
-    moment = instant + timedelta(microseconds=nanos // 1000)
-    fields = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
-    return NanoDatetime(*fields, moment.microsecond, moment.tzinfo, nanosecond=nanos % 1000)
+    return with_nanosecond(instant + timedelta(microseconds=nanos // 1000), nanos % 1000)
 
 
 def _earlier(instant: datetime, delta: timedelta) -> datetime:
     """``instant - delta``, nanoseconds kept (datetime arithmetic drops them)."""
-    moment = instant - delta
-    if not isinstance(instant, NanoDatetime):
-        return moment
-    nanosecond = instant.nanosecond
-    fields = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
-    return NanoDatetime(*fields, moment.microsecond, moment.tzinfo, nanosecond=nanosecond)
+    if isinstance(instant, NanoDatetime):
+        return with_nanosecond(instant - delta, instant.nanosecond)
+    return instant - delta
 
 
 def _checkpoint(study: _Study, instant: datetime, clock: _Clock) -> CheckpointRecorded:
@@ -254,8 +249,7 @@ def _checkpoint(study: _Study, instant: datetime, clock: _Clock) -> CheckpointRe
     study.learnings += sessions % 4
     duration = timedelta(microseconds=int(60e6 + spread * 3_540e6))
     if isinstance(instant, NanoDatetime):
-        seconds, nanos = divmod(int(60e9 + spread * 3_540e9), 1_000_000_000)
-        duration = NanoTimedelta(seconds, nanos // 1000, nanosecond=nanos % 1000)
+        duration = duration_of(*divmod(int(60e9 + spread * 3_540e9), 1_000_000_000))
     metrics = LongitudinalMetrics(
         sessions_completed=study.sessions,
         session_success_rate=rate,
