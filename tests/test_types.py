@@ -170,7 +170,7 @@ def test_uuids_written_elsewhere_read_in_every_form_uuid_reads(migrated: sa.Engi
 
 
 def test_timestamps_written_elsewhere_read_back_in_utc(migrated: sa.Engine) -> None:
-    """SQLite/libSQL text in other ISO 8601 forms (z, an offset, no fraction) reads as UTC."""
+    """SQLite/libSQL text in other ISO 8601 forms (z, a space and an offset, none) reads as UTC."""
     if not _is_sqlite(migrated):
         pytest.skip("only SQLite/libSQL store timestamps as text")
     seed(migrated, [study_row()])
