@@ -494,7 +494,6 @@ def _remote(server: SqldServer) -> Database:
 CATCH_UP = """
 import logging
 import sys
-import threading
 from evals_orm import EvalsError, SqlEvalProjection, SqlEventLog, create_engine
 logging.getLogger().addHandler(logging.NullHandler())
 engine = create_engine(sys.argv[1], auth_token=sys.argv[2])
