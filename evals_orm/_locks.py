@@ -11,10 +11,16 @@ from evals_orm import _bulk, _writer
 from evals_orm._backend import backend_of
 from evals_orm.models import TrackingRow
 
-__all__ = ["lock", "set_position"]
+__all__ = ["Abandoned", "lock", "set_position"]
 
 
-def lock(connection: sa.Connection, name: str) -> int:
+class Abandoned(Exception):
+    """A lock's waiter gave up because it is stopping; its transaction has written nothing."""
+
+
+def lock(
+    connection: sa.Connection, name: str, *, stopping: Callable[[], bool] | None = None
+) -> int:
     """Take the write lock named ``name`` until the transaction ends; return its position.
 
     The lock is a row of ``eval_tracking`` written by an upsert: it is the
@@ -22,14 +28,18 @@ def lock(connection: sa.Connection, name: str) -> int:
     (no deadlock on a later lock upgrade) and PostgreSQL and InnoDB lock the
     row (InnoDB's ON DUPLICATE KEY takes an exclusive lock even where it
     changes nothing, so waiters queue instead of deadlocking on shared ones).
+
+    Where the server refuses the lock for now and it is asked again
+    (``_take``), ``stopping`` is looked at between the attempts: once it
+    returns true, ``Abandoned`` is raised instead of waiting on.
     """
     _writer.before_lock(connection, name)
-    position = _take(connection, name)
+    position = _take(connection, name, stopping)
     _writer.locked(connection, name)
     return position
 
 
-def _take(connection: sa.Connection, name: str) -> int:
+def _take(connection: sa.Connection, name: str, stopping: Callable[[], bool] | None) -> int:
     """Upsert the lock row; retry it where the server refused it only for now.
 
     Only a lock statement that opens the transaction is retried (nothing is
@@ -57,6 +67,8 @@ def _take(connection: sa.Connection, name: str) -> int:
             return position
         assert dbapi is not None
         dbapi.rollback()
+        if stopping is not None and stopping():
+            raise Abandoned(f"stopped while waiting for the {name} lock")
         _writer.pause(pause)
         pause = min(2 * pause, 0.2)
 

@@ -641,10 +641,15 @@ class SqlEvalProjection:
         return f"{type(self).__name__}({_tx.engine_of(self.bind)!r})"
 
     @contextmanager
-    def _locked(self) -> Iterator[tuple[sa.Connection, int]]:
-        """Yield a Connection in a transaction holding the projection lock, and the position."""
+    def _locked(
+        self, stopping: Callable[[], bool] | None = None
+    ) -> Iterator[tuple[sa.Connection, int]]:
+        """Yield a Connection in a transaction holding the projection lock, and the position.
+
+        ``stopping``: see ``_locks.lock``.
+        """
         with _tx.transaction(self.bind) as connection:
-            yield connection, _locks.lock(connection, PROJECTION)
+            yield connection, _locks.lock(connection, PROJECTION, stopping=stopping)
 
     def apply(self, stored: StoredEvalEvent) -> bool:
         """Apply one event in its own transaction; ``False`` if it was already applied."""
@@ -762,7 +767,8 @@ class SqlEvalProjection:
         ``stop`` is a ``threading.Event`` (the prompt way: waits end as soon as
         it is set), a callable returning true to stop, or ``None`` (run until
         interrupted). Once it is set, the batch in hand is finished and
-        committed, and ``follow`` returns.
+        committed, and ``follow`` returns (a batch whose lock a remote libSQL
+        server refuses for now is not in hand: it is left to the next run).
 
         On PostgreSQL the follower wakes on the NOTIFY each append sends when
         it commits, and looks at the log every ``poll_interval`` seconds
@@ -799,8 +805,12 @@ class SqlEvalProjection:
                         if not state.behind:
                             waiter.wait()
                             continue
-                        with self._locked() as (connection, position):
-                            applied += self._catch_up_batch(connection, log, position)[0]
+                        try:
+                            with self._locked(stopping.is_set) as (connection, position):
+                                applied += self._catch_up_batch(connection, log, position)[0]
+                        except _locks.Abandoned:
+                            # Stopped before this batch was in hand: nothing of it was written.
+                            break
                         waiter.active()
             except DatabaseError as error:
                 if not _follow.is_transient(error):
