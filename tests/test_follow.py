@@ -45,6 +45,10 @@ WORKER = Path(__file__).with_name("append_worker.py")
 VISIBLE_S = 5.0
 # How long a process may take to start, append or stop on a loaded machine.
 PATIENCE_S = 60.0
+# How soon a stopped follower must have exited: the batch in hand is finished
+# first, and a remote libSQL server may keep its lock statement waiting 5 s
+# (sqld's transaction timeout) before it is served.
+STOP_S = 15.0
 
 
 def _command() -> list[str]:
@@ -101,7 +105,7 @@ class _Follower:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=_environment(database),
+            env={**_environment(database), "PYTHONFAULTHANDLER": "1"},
         )
         assert self.process.stdout is not None
         assert self.process.stderr is not None
@@ -117,7 +121,15 @@ class _Follower:
     def stop(self, signum: int = signal.SIGTERM) -> dict[str, Any]:
         """Send ``signum``; it must exit 0 within a few seconds; return its last report."""
         self.process.send_signal(signum)
-        assert 0 == self.process.wait(timeout=10)
+        try:
+            returncode = self.process.wait(timeout=STOP_S)
+        except subprocess.TimeoutExpired:
+            # PYTHONFAULTHANDLER: SIGABRT makes it print where each thread is.
+            self.process.send_signal(signal.SIGABRT)
+            self.process.wait(timeout=PATIENCE_S)
+            where = "".join(self.stderr.rest())
+            raise AssertionError(f"still running {STOP_S} s after {signum!r}:\n{where}") from None
+        assert 0 == returncode
         last: dict[str, Any] = json.loads((self.stdout.rest() or self.stdout.seen)[-1])
         assert last["stopped"] is True
         assert "Traceback" not in "".join(self.stderr.rest())
