@@ -13,11 +13,9 @@ from uuid import UUID
 
 import orjson
 
-__all__ = ["utc_text", "uuid_text"]
+from evals_orm.domain import as_datetime
 
-# The fields of a datetime packed as its pickle state: a datetime of the base
-# class is made from them several times faster than field by field.
-_datetime_state = datetime.__reduce__
+__all__ = ["utc_text", "uuid_text"]
 
 
 def uuid_text(value: UUID) -> str:
@@ -32,6 +30,4 @@ def utc_text(value: datetime) -> str:
 
     The six fraction digits are there only if ``value.microsecond`` is not 0.
     """
-    if type(value) is not datetime:
-        value = datetime(*_datetime_state(value)[1])
-    return orjson.dumps(value, option=orjson.OPT_UTC_Z)[1:-1].decode()
+    return orjson.dumps(as_datetime(value), option=orjson.OPT_UTC_Z)[1:-1].decode()

@@ -260,6 +260,13 @@ def with_nanosecond(moment: datetime, nanosecond: int) -> NanoDatetime:
     return value
 
 
+def as_datetime(moment: datetime) -> datetime:
+    """Return ``moment`` as a plain ``datetime`` (a ``NanoDatetime`` without its nanoseconds)."""
+    if type(moment) is datetime:
+        return moment
+    return datetime(*_datetime_state(moment)[1])
+
+
 def _nano_datetime(  # noqa: PLR0917 - NanoDatetime's fields, for pickle and copy
     year: int,
     month: int,

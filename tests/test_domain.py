@@ -22,6 +22,7 @@ from evals_orm.domain import (
     NanoTimedelta,
     StudyConfig,
     TimePeriod,
+    as_datetime,
     duration_of,
     unchecked_constructor,
     unchecked_uuid,
@@ -143,7 +144,7 @@ def test_nano_datetime_keeps_its_nanoseconds_across_time_zones_only() -> None:
 
 @given(st.datetimes(timezones=st.sampled_from([None, UTC])), st.integers(0, 999))
 def test_with_nanosecond_is_the_moment_with_its_nanoseconds(moment: datetime, nano: int) -> None:
-    """with_nanosecond builds what NanoDatetime's constructor builds from the same fields."""
+    """with_nanosecond builds what NanoDatetime's constructor builds; as_datetime undoes it."""
     fields = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
     expected = NanoDatetime(*fields, moment.microsecond, moment.tzinfo, nanosecond=nano)
     actual = with_nanosecond(moment, nano)
@@ -151,6 +152,9 @@ def test_with_nanosecond_is_the_moment_with_its_nanoseconds(moment: datetime, na
     assert nano == actual.nanosecond
     with pytest.raises(ValueError, match=r"nanosecond must be in 0\.\.999"):
         with_nanosecond(moment, 1000)
+    plain = as_datetime(actual)
+    assert (datetime, moment, moment.tzinfo) == (type(plain), plain, plain.tzinfo)
+    assert as_datetime(moment) is moment
 
 
 @given(st.integers(-(10**12), 10**12), st.integers(0, 999_999_999))
