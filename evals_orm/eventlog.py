@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol, TypeAlias
 from uuid import UUID
 
 import attrs
@@ -43,6 +43,10 @@ CHANNEL = "evals_orm_events"
 _decode_payload = written_decoder(EvalEvent)
 # The log holds only events that were valid when appended.
 _stored = unchecked_constructor(StoredEvalEvent)
+if TYPE_CHECKING:
+    # A row of the log as read: position, event id, payload (SQLAlchemy 2.1's
+    # Row is generic over its columns' types; 2.0's is not, at run time).
+    _LogRow: TypeAlias = sa.Row[int, UUID, str]
 
 # How far ahead of this clock an appended event_id may be dated. An id from
 # the future blocks its study until the clock gets there (every later event
@@ -255,7 +259,9 @@ class SqlEventLog:
         An ``after`` that is not in the log raises ``EvalsError`` here, not at
         the first ``next()``. Events are fetched in pages, each in its own
         short read, so the log is never held in memory and no cursor stays
-        open between pages.
+        open between pages; each event is decoded as it is drawn, so a row
+        edited by hand into an invalid event raises ``InvalidEventError``
+        after the events before it.
         """
         if limit is not None and limit < 0:
             raise ValueError(f"limit must not be negative, got {limit}")
@@ -276,6 +282,13 @@ class SqlEventLog:
         Inside a write transaction of this database (a projection catching
         up), the read runs in that transaction.
         """
+        return [
+            (position, _stored(event_id, _decode_payload(payload)))
+            for position, event_id, payload in self._fetch_rows(after_position, limit)
+        ]
+
+    def _fetch_rows(self, after_position: int, limit: int) -> Sequence[_LogRow]:
+        """Return up to ``limit`` rows after ``after_position``, their payloads not decoded."""
         statement = (
             sa.select(EventRow.position, EventRow.event_id, EventRow.payload)
             .where(EventRow.position > after_position)
@@ -283,11 +296,7 @@ class SqlEventLog:
             .limit(limit)
         )
         with _tx.read(self.bind) as connection:
-            rows = connection.execute(statement).all()
-        return [
-            (position, _stored(event_id, _decode_payload(payload)))
-            for position, event_id, payload in rows
-        ]
+            return connection.execute(statement).all()
 
     def count(self) -> int:
         """Return how many events the log holds."""
@@ -331,14 +340,20 @@ class LogReader(Iterator[StoredEvalEvent]):
         self.position = position
         self.limit = limit
         self._remaining = limit
-        self._page: list[tuple[int, StoredEvalEvent]] = []
+        self._page: Sequence[_LogRow] = ()
         self._index = 0
         self._exhausted = False
 
     def __next__(self) -> StoredEvalEvent:
         if self._index == len(self._page):
             self._fetch()
-        position, stored = self._page[self._index]
+        # Decoded one at a time, not a page at once: an event the caller
+        # drops is freed before the cyclic collector ever sees it (a page of
+        # decoded events outlives young collections, and the full ones it
+        # then triggers traverse the caller's whole heap), and an invalid
+        # one is raised after the events before it.
+        position, event_id, payload = self._page[self._index]
+        stored = _stored(event_id, _decode_payload(payload))
         self._index += 1
         self.position = position
         if self._remaining is not None:
@@ -349,7 +364,7 @@ class LogReader(Iterator[StoredEvalEvent]):
         size = _CHUNK if self._remaining is None else min(_CHUNK, self._remaining)
         if self._exhausted or size == 0:
             raise StopIteration
-        self._page = self.log.fetch(self.position, size)
+        self._page = self.log._fetch_rows(self.position, size)
         self._index = 0
         self._exhausted = len(self._page) < size
         if not self._page:

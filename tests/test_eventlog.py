@@ -53,6 +53,7 @@ from evals_orm import (
     read_jsonl,
     uuid7_at,
 )
+from evals_orm.models import EventRow
 
 from support import raw_rows
 
@@ -266,6 +267,29 @@ def test_read_limit_and_pages(migrated: sa.Engine) -> None:
     assert events[500:1700] == list(log.read(after=events[499].event_id, limit=1200))
     assert events[1000:] == list(log.read(after=events[999].event_id, limit=5000))
     assert events[2000:] == list(log.read(after=events[1999].event_id, limit=500))
+
+
+def test_read_raises_a_payload_edited_by_hand_after_the_events_before_it(
+    migrated: sa.Engine,
+) -> None:
+    """A log row made invalid by hand: read yields the events before it, then raises for it."""
+    log = SqlEventLog(migrated)
+    events = _history(1, 3)
+    log.append(events)
+    third = raw_rows(migrated, "SELECT position FROM eval_events ORDER BY position")[2][0]
+    with migrated.begin() as connection:
+        connection.execute(
+            sa.update(EventRow)
+            .where(EventRow.position == third)
+            .values(payload='{"type": "study_paused"}')
+        )
+    reader = log.read()
+    assert events[:2] == [next(reader), next(reader)]
+    with pytest.raises(InvalidEventError, match="id: missing field"):
+        next(reader)
+    assert raw_rows(migrated, "SELECT position FROM eval_events ORDER BY position")[1][0] == (
+        reader.position
+    )
 
 
 def test_read_rejects_a_negative_limit(migrated: sa.Engine) -> None:
