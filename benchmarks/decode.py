@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import sqlite3
 import sys
@@ -78,11 +79,14 @@ def best_of(
     """Return the fastest of ``rounds`` timed calls of each run, in seconds.
 
     The runs take turns within each round, so a busy spell of the machine
-    slows all of them rather than whichever ran during it.
+    slows all of them rather than whichever ran during it. Each starts
+    after a full collection: the cyclic collector's work left over from one
+    run (its counts toward the next collection) is not paid by the next.
     """
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
+            gc.collect()
             started = clock()
             run()
             times[name].append(clock() - started)
