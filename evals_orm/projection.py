@@ -683,7 +683,8 @@ class SqlEvalProjection:
         that stay as they are (and the foreign keys of other tables to them)
         are untouched.
 
-        Given the log itself, or ``log.read()`` without a limit, the replay
+        Given the log itself, or ``log.read()`` without a limit and with no
+        event drawn from it yet, the replay
         also takes in what was logged meanwhile, and the position replayed to
         is recorded, so the next ``catch_up`` starts there (after
         ``log.read(limit=N)``: the position of those N). After any other
@@ -699,13 +700,15 @@ class SqlEvalProjection:
         """
         if isinstance(events, SqlEventLog):
             events = events.read()
+        # A reader of the whole log no event was drawn from yet.
+        whole = isinstance(events, LogReader) and events.start == events.position == 0
         replay = _Replay.start(self.bind, on_progress)
         for chunk in batched_without_gc(events, self.batch_size):
             with replay.step() as connection:
                 replay.apply(connection, chunk)
             replay.report()
         log, position = None, 0
-        if isinstance(events, LogReader) and events.start == 0:
+        if whole and isinstance(events, LogReader):
             position = events.position
             if events.limit is None:
                 log = events.log

@@ -377,6 +377,21 @@ def test_rebuild_from_the_log_records_the_position_it_replayed_to(
     assert _rebuilt_snapshot(migrated, log) == _snapshot(migrated)
 
 
+def test_rebuild_from_a_reader_already_drawn_from_loses_no_event(
+    migrated: sa.Engine, log_factory: LogFactory, projection_factory: ProjectionFactory
+) -> None:
+    """A reader some events were drawn from replays the rest; catch_up then applies those."""
+    log = log_factory(migrated)
+    projection = projection_factory(migrated)
+    first = _created(0, 0)
+    log.append([first, _created(1, 1), _checkpoint(1, 2)])
+    reader = log.read()
+    assert first == next(reader)
+    assert 2 == projection.rebuild(reader)
+    assert 1 == projection.catch_up(log)
+    assert _rebuilt_snapshot(migrated, log) == _snapshot(migrated)
+
+
 def test_catch_up_after_rebuild_from_a_prefix_applies_the_rest(
     migrated: sa.Engine, log_factory: LogFactory, projection_factory: ProjectionFactory
 ) -> None:
