@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Iterator
-from itertools import islice
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, Union, overload
 from uuid import UUID
 
@@ -48,9 +47,6 @@ __all__ = [
 AsyncBind = Union[AsyncEngine, "async_sessionmaker[AsyncSession]", AsyncConnection, AsyncSession]
 
 _ACCEPTED = "an AsyncEngine, an async_sessionmaker, an AsyncConnection or an AsyncSession"
-
-# How many events an async reader takes from the log per trip through the bridge.
-_PAGE = 1000
 
 _S = TypeVar("_S", SqlEventLog, SqlEvalProjection, SqlEvalStorage)
 _P = ParamSpec("_P")
@@ -203,39 +199,32 @@ class AsyncLogReader(AsyncIterator[StoredEvalEvent]):
     """The async iterator ``AsyncSqlEventLog.read`` returns.
 
     Events come from the log in pages, each fetched in its own short read on
-    the event loop; none is held between pages.
+    the event loop; none is held between pages. As with the sync reader,
+    each event is decoded as it is drawn.
     """
 
     def __init__(self, open_reader: Callable[[], LogReader]) -> None:
         self._open_reader = open_reader
         self._reader: LogReader | None = None
-        self._page: list[StoredEvalEvent] = []
-        self._index = 0
 
-    def sync_reader(self) -> Iterable[StoredEvalEvent]:
-        """Return the events not yet yielded as a sync iterable; call it in the bridge.
+    def sync_reader(self) -> LogReader:
+        """Return the log's own reader, at the events not yet yielded; call it in the bridge.
 
-        Untouched, it is the log's own reader, so a projection rebuilt from
-        it records the position it replayed to.
+        A projection rebuilt from it, untouched, records the position it
+        replayed to.
         """
-        if self._index < len(self._page):
-            return _Pull(self)
-        return self._sync_reader()
-
-    def _sync_reader(self) -> LogReader:
         if self._reader is None:
             self._reader = self._open_reader()
         return self._reader
 
     async def __anext__(self) -> StoredEvalEvent:
-        if self._index == len(self._page):
-            self._page = await greenlet_spawn(lambda: list(islice(self._sync_reader(), _PAGE)))
-            self._index = 0
-            if not self._page:
-                raise StopAsyncIteration
-        stored = self._page[self._index]
-        self._index += 1
-        return stored
+        reader = self._reader
+        if reader is None:
+            reader = await greenlet_spawn(self.sync_reader)
+        # Only reading a page goes through the bridge; decoding does not.
+        if not reader._fetched() and not await greenlet_spawn(reader._fetch):
+            raise StopAsyncIteration
+        return next(reader)
 
 
 class AsyncSqlEvalProjection(_AsyncService[SqlEvalProjection]):

@@ -345,8 +345,8 @@ class LogReader(Iterator[StoredEvalEvent]):
         self._exhausted = False
 
     def __next__(self) -> StoredEvalEvent:
-        if self._index == len(self._page):
-            self._fetch()
+        if not self._fetched() and not self._fetch():
+            raise StopIteration
         # Decoded one at a time, not a page at once: an event the caller
         # drops is freed before the cyclic collector ever sees it (a page of
         # decoded events outlives young collections, and the full ones it
@@ -360,15 +360,19 @@ class LogReader(Iterator[StoredEvalEvent]):
             self._remaining -= 1
         return stored
 
-    def _fetch(self) -> None:
+    def _fetched(self) -> bool:
+        """Return whether the next event's row is at hand: ``next()`` then reads nothing."""
+        return self._index < len(self._page)
+
+    def _fetch(self) -> bool:
+        """Read the next page of rows (the current one used up); return whether it has any."""
         size = _CHUNK if self._remaining is None else min(_CHUNK, self._remaining)
         if self._exhausted or size == 0:
-            raise StopIteration
+            return False
         self._page = self.log._fetch_rows(self.position, size)
         self._index = 0
         self._exhausted = len(self._page) < size
-        if not self._page:
-            raise StopIteration
+        return bool(self._page)
 
 
 @attrs.frozen
