@@ -13,6 +13,7 @@ never holds a writer out. Between looks it waits:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -23,6 +24,8 @@ from typing import Any, Protocol
 
 import attrs
 import sqlalchemy as sa
+from sqlalchemy.util import await_
+from sqlalchemy.util.concurrency import in_greenlet
 
 from evals_orm import _tx
 from evals_orm.errors import CredentialsError, DatabaseError, SchemaMissingError
@@ -32,7 +35,7 @@ from evals_orm.models import EventRow, TrackingRow
 
 __all__ = ["Backoff", "Lag", "Stop", "Stopping", "is_transient", "lag", "waiter"]
 
-Stop = threading.Event | Callable[[], bool] | None
+Stop = threading.Event | asyncio.Event | Callable[[], bool] | None
 
 # How often a wait that cannot be interrupted looks at the stop signal.
 _STOP_CHECK_S = 0.05
@@ -50,7 +53,11 @@ _STILL_NS = 250_000_000
 
 
 class Stopping:
-    """The stop signal of ``follow``: a ``threading.Event``, a callable, or never."""
+    """The stop signal of ``follow``: a threading or asyncio ``Event``, a callable, or never.
+
+    In an event loop's greenlet (``AsyncSqlEvalProjection.follow``) its
+    waits await, so the loop's other tasks run meanwhile.
+    """
 
     def __init__(self, stop: Stop) -> None:
         self._stop = stop
@@ -59,12 +66,14 @@ class Stopping:
         """Return whether the follower should stop."""
         if self._stop is None:
             return False
-        if isinstance(self._stop, threading.Event):
+        if isinstance(self._stop, (threading.Event, asyncio.Event)):
             return self._stop.is_set()
         return bool(self._stop())
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``, less if the signal is set meanwhile; return whether it is."""
+        if in_greenlet():
+            return await_(self._wait_async(seconds))
         if isinstance(self._stop, threading.Event):
             return self._stop.wait(seconds)
         deadline = time.monotonic() + seconds
@@ -73,6 +82,22 @@ class Stopping:
             if remaining <= 0:
                 return False
             time.sleep(min(remaining, _STOP_CHECK_S))
+        return True
+
+    async def _wait_async(self, seconds: float) -> bool:
+        if isinstance(self._stop, asyncio.Event):
+            try:
+                await asyncio.wait_for(self._stop.wait(), seconds)
+            except asyncio.TimeoutError:
+                return False
+            return True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not self.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(remaining, _STOP_CHECK_S))
         return True
 
 
@@ -263,6 +288,47 @@ class _Listener:
             self._connection.close()
 
 
+class _AsyncListener(_Listener):
+    """``_Listener`` on an async engine: psycopg's async connection, awaited in the greenlet."""
+
+    def __init__(self, engine: sa.Engine, interval: float, stopping: Stopping) -> None:
+        self._interval = interval
+        self._stopping = stopping
+        self._errors = engine.dialect.loaded_dbapi.Error
+        with self._translated():
+            proxy = engine.raw_connection()
+            # The driver's own AsyncConnection: SQLAlchemy's adapter has no notifies().
+            connection: Any = proxy.driver_connection
+            proxy.detach()
+            self._connection = connection
+            await_(connection.set_autocommit(True))
+            await_(connection.execute(f"LISTEN {CHANNEL}"))
+
+    def wait(self) -> None:
+        with self._translated():
+            await_(self._wait())
+
+    async def _wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._interval
+        while not self._stopping.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            slice_s = min(remaining, _LISTEN_SLICE_S)
+            heard = False
+            async for _ in self._connection.notifies(timeout=slice_s, stop_after=1):
+                heard = True
+            if heard:
+                async for _ in self._connection.notifies(timeout=0):
+                    pass
+                return
+
+    def close(self) -> None:
+        with suppress(self._errors):
+            await_(self._connection.close())
+
+
 @contextmanager
 def waiter(log: SqlEventLog, interval: float, stopping: Stopping) -> Iterator[Waiter]:
     """Yield the waiter for ``log``'s backend; it is listening before the first look."""
@@ -274,7 +340,9 @@ def waiter(log: SqlEventLog, interval: float, stopping: Stopping) -> Iterator[Wa
         watch = _FileWatch(database) if local_file and database else None
         yield _Poller(interval, stopping, watch)
         return
-    listener = _Listener(engine, interval, stopping)
+    listener = (_AsyncListener if engine.dialect.is_async else _Listener)(
+        engine, interval, stopping
+    )
     try:
         yield listener
     finally:

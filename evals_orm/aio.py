@@ -31,9 +31,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.util import await_, greenlet_spawn
 
 from evals_orm import _tx
+from evals_orm.errors import DatabaseError
 from evals_orm.eventlog import LogReader, SqlEventLog
 from evals_orm.events import StoredEvalEvent
-from evals_orm.projection import SqlEvalProjection
+from evals_orm.projection import Lag, SqlEvalProjection, Stop
 from evals_orm.storage import SqlEvalStorage
 
 __all__ = [
@@ -275,6 +276,36 @@ class AsyncSqlEvalProjection(_AsyncService[SqlEvalProjection]):
     async def catch_up(self, log: AsyncSqlEventLog) -> int:
         """Apply every logged event not applied yet, in log order; return how many."""
         return await greenlet_spawn(self.sync.catch_up, log.sync)
+
+    async def follow(
+        self,
+        log: AsyncSqlEventLog,
+        *,
+        poll_interval: float | None = None,
+        stop: Stop = None,
+        on_progress: Callable[[Lag], None] | None = None,
+        on_error: Callable[[DatabaseError], None] | None = None,
+    ) -> int:
+        """Keep the projection caught up with ``log`` until ``stop``; return how many were applied.
+
+        ``SqlEvalProjection.follow`` on the event loop, for a follower task
+        of an asyncio service: ``stop`` is best an ``asyncio.Event`` (its
+        waits end as soon as it is set; a ``threading.Event`` or a callable
+        is looked at every 50 ms), and every wait awaits - on PostgreSQL a
+        ``LISTEN`` on a connection of its own - so the loop's other tasks
+        run meanwhile. Once ``stop`` is set, the batch in hand is committed
+        and the call returns; cancelling the task instead rolls that batch
+        back (the batches before it stay). ``on_progress`` and ``on_error``
+        are called on the loop: they must not block.
+        """
+        return await greenlet_spawn(
+            self.sync.follow,
+            log.sync,
+            poll_interval=poll_interval,
+            stop=stop,
+            on_progress=on_progress,
+            on_error=on_error,
+        )
 
     apply = _Coroutine(SqlEvalProjection.apply)
     clear = _Coroutine(SqlEvalProjection.clear)

@@ -28,6 +28,7 @@ from evals_orm import (
     migrations,
     uuid7_at,
 )
+from evals_orm.projection import Lag
 
 _T = TypeVar("_T")
 
@@ -374,6 +375,105 @@ def test_a_host_async_connection_rollback_undoes_the_appended_events(
 
     assert [len(events), len(events), 0] == run(database, work)
     assert ([], []) == snapshot(migrated)
+
+
+# --- follow -----------------------------------------------------------------------------------
+
+
+def _follow_until_caught_up(
+    database: Database, studies: int, *, poll_interval: float | None = None
+) -> tuple[int, int, Snapshot, float]:
+    """Follow in a task while another appends ``studies`` histories; stop once all are applied.
+
+    Return what ``follow`` returned, how often a third task ticked meanwhile,
+    the projection, and how long the last append took to be applied.
+    """
+    total = sum(len(history(n)) for n in range(studies))
+
+    async def work(engine: AsyncEngine) -> tuple[int, int, Snapshot, float]:
+        log, projection = AsyncSqlEventLog(engine), AsyncSqlEvalProjection(engine)
+        stop, caught_up = asyncio.Event(), asyncio.Event()
+        ticks = 0
+
+        def progress(lag: Lag) -> None:
+            if lag.applied == total and not lag.behind:
+                caught_up.set()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        follower = asyncio.create_task(
+            projection.follow(log, poll_interval=poll_interval, stop=stop, on_progress=progress)
+        )
+        ticking = asyncio.create_task(ticker())
+        for n in range(studies):
+            await log.append(history(n))
+        appended = asyncio.get_running_loop().time()
+        waiting = asyncio.create_task(caught_up.wait())
+        await asyncio.wait({follower, waiting}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        if follower.done():
+            follower.result()  # the follower's error, if it failed
+        assert waiting.done(), "the follower did not catch up within 60 s"
+        latency = asyncio.get_running_loop().time() - appended
+        stop.set()
+        applied = await asyncio.wait_for(follower, 10)
+        await ticking
+        return applied, ticks, await async_snapshot(AsyncSqlEvalStorage(engine)), latency
+
+    return run(database, work)
+
+
+def test_a_follower_task_projects_other_tasks_appends_until_stopped(
+    database: Database, migrated: sa.Engine
+) -> None:
+    """follow as a task: it applies every append of another task; the loop runs meanwhile."""
+    applied, ticks, projected, _ = _follow_until_caught_up(database, 4)
+    events = [stored for n in range(4) for stored in history(n)]
+    assert len(events) == applied
+    assert reference(events) == projected == snapshot(migrated)
+    # The follower's waits awaited: a task ticking every 10 ms kept running.
+    assert ticks > 5
+
+
+def test_an_async_follower_on_postgresql_wakes_on_the_append_not_the_poll(
+    database: Database, migrated: sa.Engine
+) -> None:
+    """On PostgreSQL the async follower LISTENs: an append is applied long before the poll."""
+    if database.backend != "postgresql":
+        pytest.skip("only PostgreSQL notifies followers of appends; elsewhere they poll")
+    applied, _, _, latency = _follow_until_caught_up(database, 2, poll_interval=60)
+    assert sum(len(history(n)) for n in range(2)) == applied
+    assert latency < 10
+
+
+def test_cancelling_a_follower_task_leaves_a_projection_catch_up_completes(
+    database: Database, migrated: sa.Engine
+) -> None:
+    """A follower task cancelled at any point leaves whole batches; catch_up then converges."""
+    events = [stored for n in range(6) for stored in history(n)]
+
+    async def work(engine: AsyncEngine) -> tuple[bool, Snapshot]:
+        log = AsyncSqlEventLog(engine)
+        projection = AsyncSqlEvalProjection(engine, batch_size=3)
+        started = asyncio.Event()
+        follower = asyncio.create_task(
+            projection.follow(log, on_progress=lambda lag: started.set())
+        )
+        await asyncio.wait_for(started.wait(), 30)
+        for stored in events:
+            await log.append(stored)
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+        await projection.catch_up(log)
+        return follower.cancelled(), await async_snapshot(AsyncSqlEvalStorage(engine))
+
+    cancelled, projected = run(database, work)
+    assert cancelled
+    assert reference(events) == projected
 
 
 # --- atomic rebuild -------------------------------------------------------------------------
