@@ -116,10 +116,12 @@ class WriterSlot:
         while not self.try_acquire(holder, who):
             released = loop.create_future()
             self.notify_on_release(_waker(loop, released))
-            try:
-                await asyncio.wait_for(released, deadline - loop.time())
-            except asyncio.TimeoutError:
-                raise DatabaseError(_TIMEOUT) from None
+            # asyncio.wait, not wait_for: before Python 3.12, wait_for returns
+            # the result of a future done in the same turn as the task's
+            # cancellation and drops the cancellation (the write went on).
+            await asyncio.wait((released,), timeout=max(deadline - loop.time(), 0))
+            if not released.done():
+                raise DatabaseError(_TIMEOUT)
 
     def release(self, holder: object) -> None:
         """Free the slot if ``holder`` has it, and wake the waiters."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
+from sqlalchemy.util import greenlet_spawn
 
 from evals_orm import DatabaseError
 from evals_orm._writer import WriterSlot
@@ -63,3 +65,24 @@ def test_acquire_waits_for_the_release_by_another_thread() -> None:
     slot.release(first)
     assert taken.wait(10)
     thread.join()
+
+
+def test_a_task_cancelled_as_the_slot_is_released_stays_cancelled() -> None:
+    """Cancelled in the same turn as the release that wakes it, a waiting task does not take it.
+
+    (``asyncio.wait_for`` before Python 3.12 returned the woken wait and
+    dropped the cancellation: the task went on to write.)
+    """
+    slot, first, second = WriterSlot(), object(), object()
+
+    async def main() -> tuple[bool, bool]:
+        slot.acquire(first, "a")
+        waiting = asyncio.create_task(greenlet_spawn(slot.acquire, second, "b"))
+        for _ in range(3):  # let it start waiting
+            await asyncio.sleep(0)
+        slot.release(first)
+        waiting.cancel()
+        await asyncio.wait((waiting,), timeout=10)
+        return waiting.cancelled(), slot.try_acquire(first, "a")
+
+    assert (True, True) == asyncio.run(main())
