@@ -86,11 +86,14 @@ class Stopping:
 
     async def _wait_async(self, seconds: float) -> bool:
         if isinstance(self._stop, asyncio.Event):
+            # asyncio.wait, which never drops the task's cancellation (see
+            # WriterSlot's wait for why not wait_for).
+            waiting = asyncio.ensure_future(self._stop.wait())
             try:
-                await asyncio.wait_for(self._stop.wait(), seconds)
-            except asyncio.TimeoutError:
-                return False
-            return True
+                await asyncio.wait((waiting,), timeout=seconds)
+            finally:
+                waiting.cancel()
+            return self._stop.is_set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         while not self.is_set():

@@ -277,6 +277,10 @@ class AsyncSqlEvalProjection(_AsyncService[SqlEvalProjection]):
         """Apply every logged event not applied yet, in log order; return how many."""
         return await greenlet_spawn(self.sync.catch_up, log.sync)
 
+    async def lag(self, log: AsyncSqlEventLog) -> Lag:
+        """Return how far the projection is behind ``log`` (``applied`` is 0); takes no lock."""
+        return await greenlet_spawn(self.sync.lag, log.sync)
+
     async def follow(
         self,
         log: AsyncSqlEventLog,

@@ -385,8 +385,9 @@ def _follow_until_caught_up(
 ) -> tuple[int, int, Snapshot, float]:
     """Follow in a task while another appends ``studies`` histories; stop once all are applied.
 
-    Return what ``follow`` returned, how often a third task ticked meanwhile,
-    the projection, and how long the last append took to be applied.
+    Return what ``follow`` returned, how often a third task ticked in half a
+    second of the follower's waiting, the projection, and how long the last
+    append took to be applied.
     """
     total = sum(len(history(n)) for n in range(studies))
 
@@ -418,10 +419,15 @@ def _follow_until_caught_up(
             follower.result()  # the follower's error, if it failed
         assert waiting.done(), "the follower did not catch up within 60 s"
         latency = asyncio.get_running_loop().time() - appended
+        # The follower now waits for appends, and its waits await: a task
+        # ticking every 10 ms meanwhile keeps ticking (about 50 times).
+        before = ticks
+        await asyncio.sleep(0.5)
+        idle_ticks = ticks - before
         stop.set()
         applied = await asyncio.wait_for(follower, 10)
         await ticking
-        return applied, ticks, await async_snapshot(AsyncSqlEvalStorage(engine)), latency
+        return applied, idle_ticks, await async_snapshot(AsyncSqlEvalStorage(engine)), latency
 
     return run(database, work)
 
@@ -430,12 +436,13 @@ def test_a_follower_task_projects_other_tasks_appends_until_stopped(
     database: Database, migrated: sa.Engine
 ) -> None:
     """follow as a task: it applies every append of another task; the loop runs meanwhile."""
-    applied, ticks, projected, _ = _follow_until_caught_up(database, 4)
+    applied, idle_ticks, projected, _ = _follow_until_caught_up(database, 4)
     events = [stored for n in range(4) for stored in history(n)]
     assert len(events) == applied
     assert reference(events) == projected == snapshot(migrated)
-    # The follower's waits awaited: a task ticking every 10 ms kept running.
-    assert ticks > 5
+    # A wait that blocked the loop (a sleep of the poll interval, a LISTEN
+    # of half a second) would have let it tick a few times at most.
+    assert idle_ticks >= 10
 
 
 def test_an_async_follower_on_postgresql_wakes_on_the_append_not_the_poll(
@@ -455,7 +462,7 @@ def test_cancelling_a_follower_task_leaves_a_projection_catch_up_completes(
     """A follower task cancelled at any point leaves whole batches; catch_up then converges."""
     events = [stored for n in range(6) for stored in history(n)]
 
-    async def work(engine: AsyncEngine) -> tuple[bool, Snapshot]:
+    async def work(engine: AsyncEngine) -> tuple[bool, Snapshot, Lag]:
         log = AsyncSqlEventLog(engine)
         projection = AsyncSqlEvalProjection(engine, batch_size=3)
         started = asyncio.Event()
@@ -466,14 +473,18 @@ def test_cancelling_a_follower_task_leaves_a_projection_catch_up_completes(
         for stored in events:
             await log.append(stored)
         follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
+        # Not ``await follower``: a cancellation the follower dropped would
+        # be this task's then, and go unseen.
+        await asyncio.wait((follower,), timeout=10)
+        assert follower.done(), "the follower still ran 10 s after its cancellation"
         await projection.catch_up(log)
-        return follower.cancelled(), await async_snapshot(AsyncSqlEvalStorage(engine))
+        lag = await projection.lag(log)
+        return follower.cancelled(), await async_snapshot(AsyncSqlEvalStorage(engine)), lag
 
-    cancelled, projected = run(database, work)
+    cancelled, projected, lag = run(database, work)
     assert cancelled
     assert reference(events) == projected
+    assert (0, 0) == (lag.applied, lag.behind)
 
 
 # --- atomic rebuild -------------------------------------------------------------------------
