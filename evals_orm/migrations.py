@@ -24,6 +24,7 @@ from alembic import op as alembic_op
 from alembic.autogenerate.api import AutogenContext
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from evals_orm._tx import check_writable, engine_of
 from evals_orm.engine import create_engine
@@ -95,11 +96,19 @@ def _config(bind: sa.Engine | sa.Connection, output: TextIO | None = None) -> Co
 
 @contextmanager
 def _bound(
-    engine_or_url: sa.Engine | sa.Connection | str, auth_token: str | None
+    engine_or_url: sa.Engine | sa.Connection | str | sa.URL, auth_token: str | None
 ) -> Iterator[sa.Engine | sa.Connection]:
     if isinstance(engine_or_url, (sa.Engine, sa.Connection)):
         yield engine_or_url
         return
+    if isinstance(engine_or_url, (AsyncEngine, AsyncConnection)):
+        raise TypeError(
+            "the migrations run on a sync Engine or Connection; from asyncio, run them "
+            "on the AsyncConnection: async with engine.begin() as connection: "
+            "await connection.run_sync(evals_orm.migrations.upgrade)"
+        )
+    if not isinstance(engine_or_url, (str, sa.URL)):
+        raise TypeError(f"expected an Engine, a Connection or a URL, got {engine_or_url!r}")
     engine = create_engine(engine_or_url, auth_token=auth_token, poolclass=sa.pool.NullPool)
     try:
         yield engine
@@ -126,7 +135,7 @@ def _host_context_kept() -> Iterator[None]:
 
 
 def upgrade(
-    engine_or_url: sa.Engine | sa.Connection | str,
+    engine_or_url: sa.Engine | sa.Connection | str | sa.URL,
     revision: str = "head",
     *,
     auth_token: str | None = None,
@@ -151,7 +160,7 @@ def upgrade(
 
 
 def downgrade(
-    engine_or_url: sa.Engine | sa.Connection | str,
+    engine_or_url: sa.Engine | sa.Connection | str | sa.URL,
     revision: str,
     *,
     auth_token: str | None = None,
@@ -163,7 +172,7 @@ def downgrade(
 
 
 def current(
-    engine_or_url: sa.Engine | sa.Connection | str, *, auth_token: str | None = None
+    engine_or_url: sa.Engine | sa.Connection | str | sa.URL, *, auth_token: str | None = None
 ) -> str | None:
     """Return the database's current revision, or ``None`` if it was never migrated."""
     with _bound(engine_or_url, auth_token) as bind:

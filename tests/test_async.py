@@ -112,6 +112,25 @@ def test_migrations_run_from_async_code(database: Database) -> None:
     assert migrations.current(database.engine()) is not None
 
 
+def test_migrations_given_an_async_engine_say_how_to_run_them(database: Database) -> None:
+    """An AsyncEngine or AsyncConnection given to the migrations is a TypeError naming run_sync."""
+
+    async def work(engine: AsyncEngine) -> list[str]:
+        messages = []
+        async with engine.connect() as connection:
+            for bind in (engine, connection):
+                for call in (migrations.upgrade, migrations.current):
+                    with pytest.raises(TypeError) as error:
+                        call(bind)  # type: ignore[arg-type]
+                    messages.append(str(error.value))
+        return messages
+
+    hint = "await connection.run_sync(evals_orm.migrations.upgrade)"
+    assert 4 == len([message for message in run(database, work) if hint in message])
+    with pytest.raises(TypeError, match="expected an Engine, a Connection or a URL, got 42"):
+        migrations.upgrade(42)  # type: ignore[arg-type]
+
+
 # --- the same projection as the sync services -------------------------------------------------
 
 
