@@ -478,7 +478,7 @@ def test_an_async_follower_on_postgresql_wakes_on_the_append_not_the_poll(
 def test_cancelling_a_follower_task_leaves_a_projection_catch_up_completes(
     database: Database, migrated: sa.Engine
 ) -> None:
-    """A follower task cancelled at any point leaves whole batches; catch_up then converges."""
+    """A follower task cancelled mid-stream ends at once; catch_up then converges on the log."""
     events = [stored for n in range(6) for stored in history(n)]
 
     async def work(engine: AsyncEngine) -> tuple[bool, Snapshot, Lag]:
