@@ -701,17 +701,21 @@ class SqlEvalProjection:
         if isinstance(events, SqlEventLog):
             events = events.read()
         # A reader of the whole log no event was drawn from yet.
-        whole = isinstance(events, LogReader) and events.start == events.position == 0
+        whole = (
+            events
+            if isinstance(events, LogReader) and events.start == events.position == 0
+            else None
+        )
         replay = _Replay.start(self.bind, on_progress)
         for chunk in batched_without_gc(events, self.batch_size):
             with replay.step() as connection:
                 replay.apply(connection, chunk)
             replay.report()
         log, position = None, 0
-        if whole and isinstance(events, LogReader):
-            position = events.position
-            if events.limit is None:
-                log = events.log
+        if whole is not None:
+            position = whole.position
+            if whole.limit is None:
+                log = whole.log
         more = log is not None
         while log is not None and more:
             # What was logged meanwhile, still without the projection's lock.
